@@ -1,0 +1,171 @@
+"""Validate and normalize a reasonlab config (the dict Snakemake loads from config.yaml).
+
+`validate(config)` checks the config against `workflow/schemas/config.schema.yaml`, fills in the
+schema's defaults, normalizes shorthand forms and checks every cross-reference. Any problem raises
+`ConfigError` whose message names the key path and the expected form, one line per problem.
+Cheap to import: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reasonlab import ReasonlabError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+MAX_ERRORS = 8
+
+
+class ConfigError(ReasonlabError):
+    """The config does not match the schema or names something it does not define."""
+
+
+def load_schema(path: str | Path | None = None) -> dict:
+    """The JSON schema of config.yaml (YAML-encoded)."""
+    path = Path(path) if path else SCHEMA_PATH
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _validator_with_defaults(schema: dict):
+    """A jsonschema validator class that fills in `default`s of properties while it validates."""
+    from jsonschema import Draft202012Validator, validators
+
+    validate_properties = Draft202012Validator.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, sub):
+        if isinstance(instance, dict):
+            for prop, subschema in properties.items():
+                if isinstance(subschema, dict) and "default" in subschema and prop not in instance:
+                    instance[prop] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, sub)
+
+    return validators.extend(Draft202012Validator, {"properties": set_defaults})(schema)
+
+
+def _key_path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "(top level)"
+
+
+def _explain(error) -> str:
+    """One line for one schema violation: where, what was wrong, what is expected."""
+    where = _key_path(error.absolute_path)
+    sub = error.schema if isinstance(error.schema, dict) else {}
+    if error.validator == "additionalProperties" and isinstance(sub.get("properties"), dict):
+        extra = sorted(set(error.instance) - set(sub["properties"]))
+        allowed = ", ".join(sorted(sub["properties"]))
+        return f"{where}: unknown key(s) {', '.join(map(repr, extra))}; allowed keys are: {allowed}"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    if error.validator == "propertyNames":
+        return f"{where}: name {error.instance!r} is not allowed; expected {sub.get('description', error.message)}"
+    message = error.message
+    if error.validator == "pattern":
+        message = f"{error.instance!r} is not allowed"
+    desc = sub.get("description")
+    if error.validator in ("oneOf", "anyOf") or (desc and error.validator not in ("enum",)):
+        return f"{where}: {message}; expected {desc}" if desc else f"{where}: {message}"
+    if error.validator == "enum" and desc:
+        return f"{where}: {message}; {desc}"
+    return f"{where}: {message}"
+
+
+def _check_schema(config: dict, schema: dict) -> None:
+    validator = _validator_with_defaults(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    if errors:
+        lines = [_explain(e) for e in errors[:MAX_ERRORS]]
+        if len(errors) > MAX_ERRORS:
+            lines.append(f"... and {len(errors) - MAX_ERRORS} more")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+
+def _normalize(config: dict) -> None:
+    for spec in config["models"].values():
+        ckpts = spec.get("checkpoints")
+        if ckpts is None:
+            spec["checkpoints"] = {"base": None}
+        elif isinstance(ckpts, list):
+            if len(set(ckpts)) != len(ckpts):
+                raise ConfigError(f"models.{spec['source']}.checkpoints: a checkpoint is listed twice: {ckpts}")
+            spec["checkpoints"] = dict.fromkeys(ckpts)
+        spec.setdefault("dtype", "auto")
+    cap = config.get("max_samples")
+    if cap:
+        for spec in config["datasets"].values():
+            n = spec.get("num_samples")
+            spec["num_samples"] = cap if n is None else min(n, cap)
+
+
+def _check_references(config: dict) -> None:
+    """Every name a key refers to must be defined: `models.<m>.base` names a model (and checkpoint)."""
+    problems = []
+    models = config["models"]
+    for name, spec in models.items():
+        base = spec.get("base")
+        if base is None:
+            continue
+        base_model, _, base_ckpt = base.partition("/")
+        if base_model not in models:
+            problems.append(
+                f"models.{name}.base: model {base_model!r} is not defined under models; "
+                f"defined models are: {', '.join(sorted(models))}"
+            )
+        elif base_model == name:
+            problems.append(f"models.{name}.base: a model cannot be its own base")
+        elif base_ckpt and base_ckpt not in models[base_model]["checkpoints"]:
+            problems.append(
+                f"models.{name}.base: checkpoint {base_ckpt!r} is not listed under "
+                f"models.{base_model}.checkpoints ({', '.join(models[base_model]['checkpoints'])})"
+            )
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def validate(config: dict, schema_path: str | Path | None = None) -> dict:
+    """Check `config`, fill in defaults and normalize shorthands; returns a new dict.
+
+    Raises ConfigError naming each offending key path and the expected form.
+    """
+    config = copy.deepcopy(dict(config))
+    _check_schema(config, load_schema(schema_path))
+    _normalize(config)
+    _check_references(config)
+    return config
+
+
+def load(path: str | Path, *overrides: str | Path, schema_path: str | Path | None = None) -> dict:
+    """Read config.yaml (and preset files merged over it, as Snakemake's --configfile does) and validate it."""
+    config: dict = {}
+    for p in (path, *overrides):
+        try:
+            with open(p) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: no such config file") from None
+        deep_update(config, data)
+    return validate(config, schema_path)
+
+
+def deep_update(base: dict, other: dict) -> dict:
+    """Merge `other` into `base` recursively (dicts merge, everything else replaces)."""
+    for k, v in other.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            deep_update(base[k], v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def config_hash(config: Any) -> str:
+    """A short content hash of a config: independent of key order and of comments in the file."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

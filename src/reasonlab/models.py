@@ -1,0 +1,288 @@
+"""Model handles: one small JSON per model × checkpoint, and loading a model from one.
+
+A handle (`results/models/{model}/{ckpt}.json`) says where the weights are (a local directory, or a
+hub id with the exact commit found in the local Hugging Face cache), a content hash, the tokenizer,
+the dtype and, for a LoRA adapter, the handle of its base model. Every downstream rule takes a
+handle as input, never a raw path; because a handle is small, Snakemake compares its content, so
+rewriting it unchanged re-runs nothing.
+
+Resolving a handle never downloads unless the config allows it (`download: true`), so it works
+offline; loading one never downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from reasonlab import ReasonlabError
+
+HANDLE_VERSION = 1
+FULL_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones by size, head and tail
+EDGE = 2**20
+
+
+class ModelError(ReasonlabError):
+    """A model or checkpoint cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class Handle:
+    """Where a model × checkpoint's weights are and how to load them."""
+
+    model: str
+    ckpt: str
+    kind: str  # "local" or "hub"
+    path: str | None  # local directory (kind local)
+    hub_id: str | None  # hub repository id (kind hub)
+    revision: str | None  # the revision asked for (kind hub)
+    commit: str | None  # the commit it resolved to in the local cache (kind hub)
+    content_hash: str
+    tokenizer: str | None  # a directory or hub id; None: the weights' own
+    dtype: str
+    is_adapter: bool
+    base: dict | None  # the base model's handle, for a LoRA adapter
+    architecture: str | None
+    model_type: str | None
+    num_hidden_layers: int | None
+    hidden_size: int | None
+    vocab_size: int | None
+    version: int = HANDLE_VERSION
+
+    @property
+    def location(self) -> str:
+        """What to pass to `from_pretrained`: the local directory or the hub id."""
+        return self.path if self.kind == "local" else self.hub_id
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def looks_like_path(s: str) -> bool:
+    """True for strings that are meant as file-system paths rather than hub ids or revisions."""
+    return s.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(s))
+
+
+def local_path(spec: dict, ckpt: str) -> str | None:
+    """The local directory a `models.<m>` entry's checkpoint refers to, or None for a hub model.
+
+    A source is local when it exists, starts with /, ./, ../, ~ or results/ (built by the workflow),
+    or does not have the owner/name shape of a hub id; `hub:` in front forces a hub id.
+    """
+    source, value = spec["source"], spec["checkpoints"][ckpt]
+    if value is not None and looks_like_path(value):
+        return value
+    if source.startswith("hub:"):
+        return None
+    if looks_like_path(source) or source.startswith("results/") or source.count("/") != 1:
+        return source
+    return None
+
+
+def hash_directory(path: str | Path) -> str:
+    """A content hash of a model directory: every file's relative name and bytes.
+
+    Files larger than 64 MiB contribute their size and first and last MiB, which is enough to tell
+    checkpoints apart without reading tens of GB.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith(".") or "/." in rel:
+            continue
+        size = f.stat().st_size
+        h.update(f"{rel}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= FULL_HASH_LIMIT:
+                for chunk in iter(lambda: fh.read(2**20), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(EDGE))
+                fh.seek(size - EDGE)
+                h.update(fh.read(EDGE))
+    return "sha256:" + h.hexdigest()
+
+
+def _read_model_config(directory: Path) -> dict:
+    for name in ("config.json", "adapter_config.json"):
+        f = directory / name
+        if f.exists():
+            with f.open() as fh:
+                return {"_file": name, **json.load(fh)}
+    return {}
+
+
+def _hub_snapshot(hub_id: str, revision: str | None, download: bool, where: str) -> tuple[Path, str]:
+    """The local snapshot directory and commit of `hub_id` at `revision`, from the Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    rev = revision or "main"
+    try:
+        path = Path(snapshot_download(hub_id, revision=rev, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
+        if not download:
+            cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+            raise ModelError(
+                f"{where}: {hub_id!r} is not a local directory, and as a hub id at revision {rev!r} it is "
+                f"not in the local Hugging Face cache ({cache}). "
+                f"Download it where there is network (`hf download {hub_id} --revision {rev}`), point "
+                f"`source` at a local copy, or set `download: true` for this model."
+            ) from e
+        try:
+            path = Path(snapshot_download(hub_id, revision=rev))
+        except Exception as e2:  # network errors come in many types
+            raise ModelError(f"{where}: could not download {hub_id!r} at revision {rev!r}: {e2}") from e2
+    return path, path.name
+
+
+def resolve(model: str, ckpt: str, spec: dict, base: Handle | None = None) -> Handle:
+    """Resolve one configured model × checkpoint (a `models.<model>` entry of the config) to a handle.
+
+    `spec["checkpoints"][ckpt]` is None (the source itself), a directory path, or (hub sources) a
+    revision. `base` is the base model's handle when the entry is a LoRA adapter (`base:` set).
+    """
+    where = f"models.{model}.checkpoints.{ckpt}"
+    source = spec["source"]
+    value = spec["checkpoints"][ckpt]
+    hub_id = revision = commit = None
+    local = local_path(spec, ckpt)
+    if local is not None:
+        if value is not None and not looks_like_path(value):
+            raise ModelError(
+                f"{where}: {value!r} is not an existing directory; for a local source a checkpoint "
+                f"is null (the source itself) or a directory path (absolute, or starting with ./ or ../)"
+            )
+        kind, directory = "local", Path(os.path.expanduser(local))
+    else:
+        kind, hub_id, revision = "hub", source.removeprefix("hub:"), value
+        directory, commit = _hub_snapshot(hub_id, revision, spec.get("download", False), where)
+
+    if kind == "local" and not directory.is_dir():
+        raise ModelError(
+            f"{where}: model directory {str(directory)!r} does not exist (from models.{model}.source "
+            f"or its checkpoint entry); check the path, or build it first"
+        )
+    cfg = _read_model_config(directory)
+    if not cfg:
+        raise ModelError(
+            f"{where}: {str(directory)!r} has no config.json or adapter_config.json; "
+            f"is it a Hugging Face model directory?"
+        )
+    is_adapter = cfg["_file"] == "adapter_config.json"
+    if is_adapter and base is None:
+        raise ModelError(
+            f"{where}: {str(directory)!r} holds a LoRA adapter; name the model it adapts with "
+            f"models.{model}.base: <model> or <model>/<ckpt>"
+        )
+    content = f"git:{commit}" if kind == "hub" else hash_directory(directory)
+    ref = base
+    return Handle(
+        model=model,
+        ckpt=ckpt,
+        kind=kind,
+        path=str(directory) if kind == "local" else None,
+        hub_id=hub_id,
+        revision=revision,
+        commit=commit,
+        content_hash=content,
+        tokenizer=spec.get("tokenizer"),
+        dtype=spec.get("dtype", "auto"),
+        is_adapter=is_adapter,
+        base=json.loads(ref.to_json()) if ref else None,
+        architecture=(cfg.get("architectures") or [None])[0] if not is_adapter else (ref.architecture if ref else None),
+        model_type=cfg.get("model_type") if not is_adapter else (ref.model_type if ref else None),
+        num_hidden_layers=cfg.get("num_hidden_layers") if not is_adapter else (ref.num_hidden_layers if ref else None),
+        hidden_size=cfg.get("hidden_size") if not is_adapter else (ref.hidden_size if ref else None),
+        vocab_size=cfg.get("vocab_size") if not is_adapter else (ref.vocab_size if ref else None),
+    )
+
+
+def write_handle(handle: Handle, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(handle.to_json())
+
+
+def read_handle(path: str | Path) -> Handle:
+    """Read a handle JSON written by `resolve_model`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: not a readable model handle ({e}); re-run resolve_model") from e
+    if data.get("version") != HANDLE_VERSION:
+        raise ModelError(f"{path}: handle version {data.get('version')} is not {HANDLE_VERSION}; re-run resolve_model")
+    return Handle(**data)
+
+
+def _as_handle(h: Handle | dict | str | Path) -> Handle:
+    if isinstance(h, Handle):
+        return h
+    if isinstance(h, dict):
+        return Handle(**h)
+    return read_handle(h)
+
+
+def _from_pretrained_kwargs(h: Handle) -> dict:
+    if h.kind == "hub":
+        return {"revision": h.commit, "local_files_only": True}
+    return {"local_files_only": True}
+
+
+def torch_dtype(name: str):
+    """The torch dtype for a config dtype name ('auto' passes through)."""
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def load_tokenizer(handle: Handle | dict | str | Path):
+    """The tokenizer of a handle (its own `tokenizer` setting, else the weights' directory or base model's)."""
+    from transformers import AutoTokenizer
+
+    h = _as_handle(handle)
+    if h.tokenizer:
+        src, kwargs = h.tokenizer, {"local_files_only": True}
+    elif h.is_adapter and h.base and not (Path(h.location) / "tokenizer_config.json").exists():
+        return load_tokenizer(h.base)
+    else:
+        src, kwargs = h.location, _from_pretrained_kwargs(h)
+    try:
+        return AutoTokenizer.from_pretrained(src, **kwargs)
+    except OSError as e:
+        raise ModelError(f"model {h.model}/{h.ckpt}: cannot load a tokenizer from {src!r}: {e}") from e
+
+
+def load_model(
+    handle: Handle | dict | str | Path,
+    dtype: str | None = None,
+    device: str = "cpu",
+    merge_adapter: bool = False,
+):
+    """Load (model, tokenizer) from a handle, in eval mode on `device`.
+
+    `dtype` overrides the handle's ('auto', 'float32', 'bfloat16', 'float16'). A LoRA adapter is
+    loaded on top of its base model with peft; `merge_adapter=True` merges it into the weights.
+    """
+    from transformers import AutoModelForCausalLM
+
+    h = _as_handle(handle)
+    dt = torch_dtype(dtype or h.dtype)
+    try:
+        if h.is_adapter:
+            from peft import PeftModel
+
+            base_model, _ = load_model(h.base, dtype=dtype or h.dtype, device=device)
+            model = PeftModel.from_pretrained(base_model, h.location, is_trainable=False)
+            if merge_adapter:
+                model = model.merge_and_unload()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(h.location, dtype=dt, **_from_pretrained_kwargs(h))
+    except OSError as e:
+        raise ModelError(f"model {h.model}/{h.ckpt}: cannot load weights from {h.location!r}: {e}") from e
+    model.to(device)
+    model.eval()
+    return model, load_tokenizer(h)

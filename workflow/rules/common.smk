@@ -1,0 +1,134 @@
+# Helpers, config validation and wildcard constraints shared by every stage.
+# Parse time stays cheap: nothing here imports torch or reads a model.
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from reasonlab.config import ConfigError, config_hash, validate  # noqa: E402
+from reasonlab.data import is_local  # noqa: E402
+from reasonlab.models import local_path  # noqa: E402
+
+try:
+    _validated = validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+config.clear()
+config.update(_validated)
+
+SCRIPTS = Path(workflow.basedir) / "scripts"
+MODELS = config["models"]
+DATASETS = config["datasets"]
+ENVIRONMENTS = ["core", "train", "gen"]
+CONFIG_HASH = config_hash(config)
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    ckpt=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    dataset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    env="|".join(ENVIRONMENTS),
+
+
+# ---------------------------------------------------------------- environments
+
+
+def env_dir(name):
+    """The directory of a tool environment; relative paths are relative to the workflow directory."""
+    p = Path(config["environments"][name]).expanduser()
+    return p if p.is_absolute() else Path(workflow.basedir) / p
+
+
+def get_env_python(wildcards):
+    return str(env_dir(wildcards.env) / "bin" / "python")
+
+
+def get_env_stamp(wildcards):
+    stamp = env_dir(wildcards.env) / ".reasonlab-spec"
+    if not stamp.exists():
+        raise WorkflowError(
+            f"environment {wildcards.env!r} is not set up at {env_dir(wildcards.env)}: run "
+            f"`bash envs/setup.sh {wildcards.env}`, or point environments.{wildcards.env} in the "
+            "config at an environment built by it"
+        )
+    return str(stamp)
+
+
+# ---------------------------------------------------------------- models
+
+
+def model_checkpoints(model):
+    return list(MODELS[model]["checkpoints"])
+
+
+def all_handles():
+    return [
+        f"results/models/{m}/{c}.json" for m in MODELS for c in model_checkpoints(m)
+    ]
+
+
+def _base_of(model):
+    """(base model, base ckpt) of a LoRA adapter entry, or None."""
+    base = MODELS[model].get("base")
+    if not base:
+        return None
+    m, _, c = base.partition("/")
+    return m, c or model_checkpoints(m)[0]
+
+
+def get_model_spec(wildcards):
+    """The model's config entry with only this checkpoint, so adding a checkpoint re-runs nothing else."""
+    spec = dict(MODELS[wildcards.model])
+    spec["checkpoints"] = {wildcards.ckpt: spec["checkpoints"][wildcards.ckpt]}
+    return spec
+
+
+def get_model_inputs(wildcards):
+    """The weights directory when it is local (so the rule that builds it runs first), and the base handle."""
+    local = local_path(MODELS[wildcards.model], wildcards.ckpt)
+    inputs = {}
+    if local is not None and (local.startswith("results/") or Path(local).expanduser().exists()):
+        inputs["weights"] = local
+    base = _base_of(wildcards.model)
+    if base:
+        inputs["base"] = "results/models/{}/{}.json".format(*base)
+    return inputs
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def get_dataset_spec(wildcards):
+    return DATASETS[wildcards.dataset]
+
+
+def get_dataset_inputs(wildcards):
+    """The source file when it is local, so that rules producing it (the demo) run first."""
+    source = DATASETS[wildcards.dataset]["source"]
+    if not is_local(source):
+        return {}
+    if not source.startswith("results/") and not Path(source).expanduser().exists():
+        raise WorkflowError(
+            f"datasets.{wildcards.dataset}.source: {source!r} does not exist (relative paths are "
+            "relative to the working directory); fix the path, or prefix a hub dataset name with hub:"
+        )
+    return {"source": source}
+
+
+# ---------------------------------------------------------------- report
+
+# name -> aggregated Parquet; every stage registers the tables its report section reads.
+REPORT_TABLES = {}
+
+
+def register_report_table(name, path):
+    REPORT_TABLES[name] = path
+
+
+def get_report_tables(wildcards):
+    return REPORT_TABLES
+
+
+def get_final_output():
+    return ["results/report.html"]

@@ -1,0 +1,20 @@
+# Any configured source -> one normalized table per dataset (plus its rejects and a summary).
+
+
+rule prepare_dataset:
+    input:
+        unpack(get_dataset_inputs),
+    output:
+        table="results/data/{dataset}.parquet",
+        rejects="results/data/{dataset}.rejects.jsonl",
+        summary="results/data/{dataset}.summary.json",
+    params:
+        spec=get_dataset_spec,
+    log:
+        "logs/prepare_dataset/{dataset}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../../scripts/prepare_dataset.py"
