@@ -14,7 +14,14 @@ FIX = Path(__file__).parent / "fixtures"
 
 
 def spec(source, fmt, **kw):
-    return {"source": str(source), "format": fmt, "split": "test", "config": None, "columns": {}, **kw}
+    return {
+        "source": str(source),
+        "format": fmt,
+        "split": "test",
+        "config": None,
+        "columns": {},
+        **kw,
+    }
 
 
 def by_id(p):
@@ -29,7 +36,10 @@ def test_gsm8k_jsonl_rows_and_rejects():
     assert rows["2"]["reference"] == "2400"  # thousands separator removed
     assert rows["5"]["reference"] is None  # no '#### n' line: kept, reference null
     assert rows["1"]["question"].startswith("Mia has 3 bags")
-    assert [(r["row"], r["reason"].split(":")[0]) for r in p.rejects] == [(3, "not valid JSON"), (4, "missing field 'question' (needed for question)")]
+    assert [(r["row"], r["reason"].split(":")[0]) for r in p.rejects] == [
+        (3, "not valid JSON"),
+        (4, "missing field 'question' (needed for question)"),
+    ]
     assert p.summary["n_read"] == 5 and p.summary["n_rejected"] == 2 and p.summary["n_rows"] == 3
     assert p.summary["n_without_reference"] == 1
 
@@ -38,7 +48,9 @@ def test_math_json_reference_subject_level_and_ids():
     p = prepare(spec(FIX / "math.json", "math", columns={"id": "unique_id"}), "m")
     rows = by_id(p)
     assert list(rows) == ["test/prealgebra/1.json", "test/algebra/2.json"]
-    assert rows["test/prealgebra/1.json"]["reference"] == "\\frac{3}{4}"  # nested braces in \boxed{}
+    assert (
+        rows["test/prealgebra/1.json"]["reference"] == "\\frac{3}{4}"
+    )  # nested braces in \boxed{}
     assert rows["test/algebra/2.json"]["reference"] == "5"  # the answer field wins
     assert rows["test/algebra/2.json"]["subject"] == "Algebra"
     assert rows["test/algebra/2.json"]["level"] == "Level 2"
@@ -74,12 +86,25 @@ def test_query_csv_line_numbers_and_meta():
     assert json.loads(rows["2"]["meta"]) == {"topic": "arithmetic"}
     assert rows["3"]["reference"] is None
     # CSV rows are numbered by file line (the header is line 1)
-    assert {r["row"]: r["reason"] for r in p.rejects} == {4: "field 'query' (question) is empty", 5: "1 more field(s) than the header has"}
+    assert {r["row"]: r["reason"] for r in p.rejects} == {
+        4: "field 'query' (question) is empty",
+        5: "1 more field(s) than the header has",
+    }
 
 
 def test_parquet_with_column_mapping():
-    p = prepare(spec(FIX / "generic.parquet", "columns", columns={"id": "qid", "question": "prompt", "reference": "gold"}), "x")
-    assert [(r["id"], r["question"], r["reference"]) for r in p.rows] == [("a1", "One plus one?", "2"), ("a2", "Two plus two?", "4")]
+    p = prepare(
+        spec(
+            FIX / "generic.parquet",
+            "columns",
+            columns={"id": "qid", "question": "prompt", "reference": "gold"},
+        ),
+        "x",
+    )
+    assert [(r["id"], r["question"], r["reference"]) for r in p.rows] == [
+        ("a1", "One plus one?", "2"),
+        ("a2", "Two plus two?", "4"),
+    ]
     assert p.rejects[0]["row"] == 3
 
 
@@ -95,7 +120,10 @@ def test_saved_hf_dataset_directory_and_split():
 def test_dataset_repo_directory_through_load_dataset(tmp_path):
     # a directory laid out like a hub dataset repository: data/<split>-*.parquet
     (tmp_path / "data").mkdir()
-    pq.write_table(pa.table({"problem": ["p1", "p2"], "solution": ["\\boxed{1}", "\\boxed{2}"]}), tmp_path / "data" / "test-00000-of-00001.parquet")
+    pq.write_table(
+        pa.table({"problem": ["p1", "p2"], "solution": ["\\boxed{1}", "\\boxed{2}"]}),
+        tmp_path / "data" / "test-00000-of-00001.parquet",
+    )
     p = prepare(spec(tmp_path, "math"), "repo")
     assert [r["reference"] for r in p.rows] == ["1", "2"]
 
@@ -122,7 +150,9 @@ def test_num_samples_first_or_seeded(tmp_path):
 def test_no_usable_row_is_an_error(tmp_path):
     src = tmp_path / "bad.jsonl"
     src.write_text('{"query": ""}\nnot json\n')
-    with pytest.raises(DatasetError, match=r"no usable row .* \(2 read, 2 rejected\); the first reject: row 1"):
+    with pytest.raises(
+        DatasetError, match=r"no usable row .* \(2 read, 2 rejected\); the first reject: row 1"
+    ):
         prepare(spec(src, "query"), "bad")
 
 

@@ -78,7 +78,9 @@ def _explain(error) -> str:
 
 def _check_schema(config: dict, schema: dict) -> None:
     validator = _validator_with_defaults(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    errors = sorted(
+        validator.iter_errors(config), key=lambda e: (list(map(str, e.absolute_path)), e.validator)
+    )
     if errors:
         lines = [_explain(e) for e in errors[:MAX_ERRORS]]
         if len(errors) > MAX_ERRORS:
@@ -93,7 +95,9 @@ def _normalize(config: dict) -> None:
             spec["checkpoints"] = {"base": None}
         elif isinstance(ckpts, list):
             if len(set(ckpts)) != len(ckpts):
-                raise ConfigError(f"models.{spec['source']}.checkpoints: a checkpoint is listed twice: {ckpts}")
+                raise ConfigError(
+                    f"models.{spec['source']}.checkpoints: a checkpoint is listed twice: {ckpts}"
+                )
             spec["checkpoints"] = dict.fromkeys(ckpts)
         spec.setdefault("dtype", "auto")
     cap = config.get("max_samples")

@@ -26,7 +26,18 @@ from typing import Any
 from reasonlab import ReasonlabError
 from reasonlab.answers import gsm8k_final, last_boxed
 
-COLUMNS = ["id", "row", "question", "reference", "solution", "system", "type", "subject", "level", "meta"]
+COLUMNS = [
+    "id",
+    "row",
+    "question",
+    "reference",
+    "solution",
+    "system",
+    "type",
+    "subject",
+    "level",
+    "meta",
+]
 LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv"}
 RAW_CHARS = 300
 
@@ -84,11 +95,15 @@ def _read_json(path: Path) -> Iterator[Record]:
         if path.suffix == ".json" and e.msg == "Extra data":
             yield from _read_jsonl(path)  # a JSONL file named .json
             return
-        raise DatasetError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        raise DatasetError(
+            f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from None
     if isinstance(data, dict):
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DatasetError(f"{path}: expected a JSON array of records (or an object holding one array)")
+            raise DatasetError(
+                f"{path}: expected a JSON array of records (or an object holding one array)"
+            )
         data = data[lists[0]]
     if not isinstance(data, list):
         raise DatasetError(f"{path}: expected a JSON array of records, found {type(data).__name__}")
@@ -102,7 +117,10 @@ def _read_csv(path: Path) -> Iterator[Record]:
             raise DatasetError(f"{path}: the CSV file has no header line")
         for rec in reader:
             if None in rec:
-                yield reader.line_num, RowError(f"{len(rec[None])} more field(s) than the header has")
+                yield (
+                    reader.line_num,
+                    RowError(f"{len(rec[None])} more field(s) than the header has"),
+                )
                 continue
             yield reader.line_num, {k: (v if v != "" else None) for k, v in rec.items()}
 
@@ -124,7 +142,9 @@ def _read_hf(source: str, config: str | None, split: str) -> Iterator[Record]:
     name = source.removeprefix("hub:")
     path = Path(os.path.expanduser(name))
     try:
-        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        if path.is_dir() and (
+            (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+        ):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
@@ -162,7 +182,9 @@ def read_records(source: str, config: str | None = None, split: str = "test") ->
     }
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise DatasetError(f"{source}: unknown file type {path.suffix!r}; use .json, .jsonl, .parquet or .csv")
+        raise DatasetError(
+            f"{source}: unknown file type {path.suffix!r}; use .json, .jsonl, .parquet or .csv"
+        )
     yield from reader(path)
 
 
@@ -171,10 +193,22 @@ def read_records(source: str, config: str | None = None, split: str = "test") ->
 # For each format, normalized field → the source field it comes from by default.
 DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
     "gsm8k": {"question": "question", "solution": "answer"},
-    "math": {"question": "problem", "solution": "solution", "reference": "answer", "subject": "type", "level": "level"},
+    "math": {
+        "question": "problem",
+        "solution": "solution",
+        "reference": "answer",
+        "subject": "type",
+        "level": "level",
+    },
     "chat": {"messages": "messages"},
-    "alpaca": {"instruction": "instruction", "input": "input", "solution": "output", "type": "type",
-               "system": "system", "reference": "answer"},  # fmt: skip
+    "alpaca": {
+        "instruction": "instruction",
+        "input": "input",
+        "solution": "output",
+        "type": "type",
+        "system": "system",
+        "reference": "answer",
+    },  # fmt: skip
     "query": {"question": "query", "reference": "answer"},
     "columns": {},
 }
@@ -212,7 +246,9 @@ def _chat(rec: dict, mapping: dict[str, str]) -> dict:
         col = "conversations"
     messages = rec.get(col)
     if not isinstance(messages, list) or not messages:
-        raise RowError(f"field {col!r} must be a non-empty list of messages (also tried 'conversations')")
+        raise RowError(
+            f"field {col!r} must be a non-empty list of messages (also tried 'conversations')"
+        )
     turns = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
@@ -252,7 +288,12 @@ def normalize_record(rec: Any, fmt: str, columns: dict[str, str]) -> dict:
         out["reference"] = out.get("reference") or gsm8k_final(out["solution"])
     elif fmt == "math" and out.get("reference") is None:
         out["reference"] = last_boxed(out["solution"])
-    if fmt == "math" and out.get("subject") is None and "subject" in rec and "subject" not in columns:
+    if (
+        fmt == "math"
+        and out.get("subject") is None
+        and "subject" in rec
+        and "subject" not in columns
+    ):
         out["subject"], used = _text(rec["subject"]), used | {"subject"}
     for key in ("system", "type", "subject", "level", "solution", "reference"):
         out.setdefault(key, None)
@@ -262,7 +303,9 @@ def normalize_record(rec: Any, fmt: str, columns: dict[str, str]) -> dict:
         raise RowError(f"id field {id_col!r} is missing or empty")
     used |= {id_col} if id_col else set()
     meta = {k: v for k, v in rec.items() if k not in used}
-    out["meta"] = json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str) if meta else None
+    out["meta"] = (
+        json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str) if meta else None
+    )
     return out
 
 
@@ -306,7 +349,11 @@ def prepare(spec: dict, name: str, progress: bool = False) -> Prepared:
             keep = sorted(random.Random(seed).sample(range(len(rows)), n))
             rows = [rows[i] for i in keep]
     if not rows:
-        detail = f"; the first reject: row {rejects[0]['row']}: {rejects[0]['reason']}" if rejects else ""
+        detail = (
+            f"; the first reject: row {rejects[0]['row']}: {rejects[0]['reason']}"
+            if rejects
+            else ""
+        )
         raise DatasetError(
             f"datasets.{name}: no usable row in {source} ({n_read} read, {len(rejects)} rejected){detail}. "
             f"Check `format` ({fmt}) and `columns`."
@@ -334,7 +381,9 @@ def to_table(rows: list[dict]):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def write_prepared(p: Prepared, parquet: str | Path, rejects: str | Path, summary: str | Path) -> None:
+def write_prepared(
+    p: Prepared, parquet: str | Path, rejects: str | Path, summary: str | Path
+) -> None:
     """Write the three outputs; each goes to a temporary name first, so none is left half-written."""
     import pyarrow.parquet as pq
 

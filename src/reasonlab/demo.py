@@ -82,7 +82,9 @@ class TinyModelSpec:
         return self.hidden_size // self.num_attention_heads
 
 
-def build_tiny_model(tokenizer_dir: str | Path, out_dir: str | Path, spec: TinyModelSpec, seed: int) -> int:
+def build_tiny_model(
+    tokenizer_dir: str | Path, out_dir: str | Path, spec: TinyModelSpec, seed: int
+) -> int:
     """Initialise a Qwen2 causal LM with the tokenizer's vocabulary and save it (with the tokenizer).
 
     Returns the number of parameters. The same seed gives byte-identical weights.

@@ -21,7 +21,9 @@ from pathlib import Path
 from reasonlab import ReasonlabError
 
 HANDLE_VERSION = 1
-FULL_HASH_LIMIT = 64 * 2**20  # files up to this size are hashed whole; larger ones by size, head and tail
+FULL_HASH_LIMIT = (
+    64 * 2**20
+)  # files up to this size are hashed whole; larger ones by size, head and tail
 EDGE = 2**20
 
 
@@ -116,7 +118,9 @@ def _read_model_config(directory: Path) -> dict:
     return {}
 
 
-def _hub_snapshot(hub_id: str, revision: str | None, download: bool, where: str) -> tuple[Path, str]:
+def _hub_snapshot(
+    hub_id: str, revision: str | None, download: bool, where: str
+) -> tuple[Path, str]:
     """The local snapshot directory and commit of `hub_id` at `revision`, from the Hugging Face cache."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -126,7 +130,11 @@ def _hub_snapshot(hub_id: str, revision: str | None, download: bool, where: str)
         path = Path(snapshot_download(hub_id, revision=rev, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
         if not download:
-            cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+            cache = (
+                os.environ.get("HF_HUB_CACHE")
+                or os.environ.get("HF_HOME")
+                or "~/.cache/huggingface"
+            )
             raise ModelError(
                 f"{where}: {hub_id!r} is not a local directory, and as a hub id at revision {rev!r} it is "
                 f"not in the local Hugging Face cache ({cache}). "
@@ -136,7 +144,9 @@ def _hub_snapshot(hub_id: str, revision: str | None, download: bool, where: str)
         try:
             path = Path(snapshot_download(hub_id, revision=rev))
         except Exception as e2:  # network errors come in many types
-            raise ModelError(f"{where}: could not download {hub_id!r} at revision {rev!r}: {e2}") from e2
+            raise ModelError(
+                f"{where}: could not download {hub_id!r} at revision {rev!r}: {e2}"
+            ) from e2
     return path, path.name
 
 
@@ -194,10 +204,16 @@ def resolve(model: str, ckpt: str, spec: dict, base: Handle | None = None) -> Ha
         dtype=spec.get("dtype", "auto"),
         is_adapter=is_adapter,
         base=json.loads(ref.to_json()) if ref else None,
-        architecture=(cfg.get("architectures") or [None])[0] if not is_adapter else (ref.architecture if ref else None),
+        architecture=(cfg.get("architectures") or [None])[0]
+        if not is_adapter
+        else (ref.architecture if ref else None),
         model_type=cfg.get("model_type") if not is_adapter else (ref.model_type if ref else None),
-        num_hidden_layers=cfg.get("num_hidden_layers") if not is_adapter else (ref.num_hidden_layers if ref else None),
-        hidden_size=cfg.get("hidden_size") if not is_adapter else (ref.hidden_size if ref else None),
+        num_hidden_layers=cfg.get("num_hidden_layers")
+        if not is_adapter
+        else (ref.num_hidden_layers if ref else None),
+        hidden_size=cfg.get("hidden_size")
+        if not is_adapter
+        else (ref.hidden_size if ref else None),
         vocab_size=cfg.get("vocab_size") if not is_adapter else (ref.vocab_size if ref else None),
     )
 
@@ -214,7 +230,9 @@ def read_handle(path: str | Path) -> Handle:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelError(f"{path}: not a readable model handle ({e}); re-run resolve_model") from e
     if data.get("version") != HANDLE_VERSION:
-        raise ModelError(f"{path}: handle version {data.get('version')} is not {HANDLE_VERSION}; re-run resolve_model")
+        raise ModelError(
+            f"{path}: handle version {data.get('version')} is not {HANDLE_VERSION}; re-run resolve_model"
+        )
     return Handle(**data)
 
 
@@ -253,7 +271,9 @@ def load_tokenizer(handle: Handle | dict | str | Path):
     try:
         return AutoTokenizer.from_pretrained(src, **kwargs)
     except OSError as e:
-        raise ModelError(f"model {h.model}/{h.ckpt}: cannot load a tokenizer from {src!r}: {e}") from e
+        raise ModelError(
+            f"model {h.model}/{h.ckpt}: cannot load a tokenizer from {src!r}: {e}"
+        ) from e
 
 
 def load_model(
@@ -280,9 +300,13 @@ def load_model(
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(h.location, dtype=dt, **_from_pretrained_kwargs(h))
+            model = AutoModelForCausalLM.from_pretrained(
+                h.location, dtype=dt, **_from_pretrained_kwargs(h)
+            )
     except OSError as e:
-        raise ModelError(f"model {h.model}/{h.ckpt}: cannot load weights from {h.location!r}: {e}") from e
+        raise ModelError(
+            f"model {h.model}/{h.ckpt}: cannot load weights from {h.location!r}: {e}"
+        ) from e
     model.to(device)
     model.eval()
     return model, load_tokenizer(h)

@@ -34,14 +34,24 @@ def aggregate_overview(
         h = read_handle(p)
         rows.append(
             {
-                "model": h.model, "ckpt": h.ckpt, "kind": h.kind, "location": h.location,
-                "revision": h.commit or h.revision, "content_hash": h.content_hash,
-                "architecture": h.architecture, "num_hidden_layers": h.num_hidden_layers,
-                "hidden_size": h.hidden_size, "vocab_size": h.vocab_size, "dtype": h.dtype,
-                "is_adapter": h.is_adapter, "base": f"{h.base['model']}/{h.base['ckpt']}" if h.base else None,
+                "model": h.model,
+                "ckpt": h.ckpt,
+                "kind": h.kind,
+                "location": h.location,
+                "revision": h.commit or h.revision,
+                "content_hash": h.content_hash,
+                "architecture": h.architecture,
+                "num_hidden_layers": h.num_hidden_layers,
+                "hidden_size": h.hidden_size,
+                "vocab_size": h.vocab_size,
+                "dtype": h.dtype,
+                "is_adapter": h.is_adapter,
+                "base": f"{h.base['model']}/{h.base['ckpt']}" if h.base else None,
             }  # fmt: skip
         )
-    pl.DataFrame(rows, schema_overrides={"revision": pl.String, "base": pl.String}).select(MODEL_COLUMNS).write_parquet(out_models)
+    pl.DataFrame(rows, schema_overrides={"revision": pl.String, "base": pl.String}).select(
+        MODEL_COLUMNS
+    ).write_parquet(out_models)
 
     drows = []
     for s, r in zip(summaries, rejects, strict=True):
@@ -80,8 +90,20 @@ def overview_section(tables: dict, context: dict) -> list:
             f"reasonlab {context.get('version', '?')}.</p>"
         ),
         Html("<h3>Models and checkpoints</h3>"),
-        models.select("model", "ckpt", "kind", "location", "revision", "architecture", "num_hidden_layers",
-                      "hidden_size", "vocab_size", "dtype", "base", "content_hash"),  # fmt: skip
+        models.select(
+            "model",
+            "ckpt",
+            "kind",
+            "location",
+            "revision",
+            "architecture",
+            "num_hidden_layers",
+            "hidden_size",
+            "vocab_size",
+            "dtype",
+            "base",
+            "content_hash",
+        ),  # fmt: skip
         Html("<h3>Datasets</h3>"),
         datasets,
     ]
@@ -94,7 +116,9 @@ def overview_section(tables: dict, context: dict) -> list:
         .encode(
             y=alt.Y("dataset:N", title=None),
             x=alt.X("count:Q", title="rows"),
-            color=alt.Color("rows:N", scale=alt.Scale(domain=["kept", "rejected"], range=["#4c78a8", "#e45756"])),
+            color=alt.Color(
+                "rows:N", scale=alt.Scale(domain=["kept", "rejected"], range=["#4c78a8", "#e45756"])
+            ),
             tooltip=["dataset", "rows", "count"],
         )
         .properties(width=480, height=alt.Step(22), title="Rows kept and rejected per dataset")
@@ -103,7 +127,11 @@ def overview_section(tables: dict, context: dict) -> list:
     for env in envs["environment"].unique(maintain_order=True):
         sub = envs.filter(pl.col("environment") == env)
         ok = sub["imports_ok"][0]
-        status = '<span class="ok">imports ok</span>' if ok else f'<span class="warn">import failed: {sub["import_errors"][0]}</span>'
+        status = (
+            '<span class="ok">imports ok</span>'
+            if ok
+            else f'<span class="warn">import failed: {sub["import_errors"][0]}</span>'
+        )
         blocks.append(Html(f"<p><b>{env}</b> (Python {sub['python'][0]}): {status}</p>"))
         blocks.append(Html(table_html(sub.select("package", "version"))))
     return blocks

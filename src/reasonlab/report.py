@@ -61,7 +61,11 @@ def table_html(df, max_rows: int = 200, caption: str | None = None) -> str:
             cls = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
             cells.append(f"<td{cls}>{html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    note = f'<p class="note">showing {max_rows} of {df.height} rows</p>' if df.height > max_rows else ""
+    note = (
+        f'<p class="note">showing {max_rows} of {df.height} rows</p>'
+        if df.height > max_rows
+        else ""
+    )
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     return f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>{note}'
 
@@ -79,7 +83,9 @@ def _render_block(block: Block, charts: list[dict]) -> str:
         div = f"chart{len(charts)}"
         charts.append({"id": div, "spec": block.to_dict()})
         return f'<div class="chart" id="{div}"></div>'
-    raise TypeError(f"a report block must be a chart, Html, DataFrame or str, not {type(block).__name__}")
+    raise TypeError(
+        f"a report block must be a chart, Html, DataFrame or str, not {type(block).__name__}"
+    )
 
 
 CSS = """
@@ -113,7 +119,9 @@ def render(sections: list[tuple[Section, list[Block]]], title: str, subtitle: st
     for sec, blocks in sections:
         nav.append(f'<a href="#{sec.key}">{html.escape(sec.title)}</a>')
         inner = "\n".join(_render_block(b, charts) for b in blocks)
-        parts.append(f'<section id="{sec.key}"><h2>{html.escape(sec.title)}</h2>\n{inner}\n</section>')
+        parts.append(
+            f'<section id="{sec.key}"><h2>{html.escape(sec.title)}</h2>\n{inner}\n</section>'
+        )
     vl_version = "v" + ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
     script = ""
     if charts:

@@ -202,18 +202,20 @@ def _wrong_steps(rng: random.Random, steps: tuple[Step, ...]) -> tuple[Step, ...
     """The same steps with an arithmetic slip in one of them, carried through to the answer."""
     k = rng.randrange(len(steps))
     delta = rng.choice([-3, -2, -1, 1, 2, 3])
+    out = _slip(steps, k, delta)
+    if out[-1].value == steps[-1].value:  # the slip vanished (integer division): slip the last step
+        out = _slip(steps, len(steps) - 1, delta)
+    return out
+
+
+def _slip(steps: tuple[Step, ...], k: int, delta: int) -> tuple[Step, ...]:
+    """Recompute `steps` with `delta` added to step k's result; later steps use the wrong value."""
     out, carry = [], None
     for i, s in enumerate(steps):
-        expr = s.expr
-        if carry is not None:
-            left, op, right = expr.split(" ")
-            expr = f"{carry} {op} {right}"
-        left, op, right = expr.split(" ")
-        value = {"+": int(left) + int(right), "-": int(left) - int(right),
-                 "*": int(left) * int(right), "/": int(left) // int(right)}[op]  # fmt: skip
-        if i == k:
-            value += delta
-        out.append(Step(s.what, expr, value))
+        left, op, right = s.expr.split(" ")
+        a, b = (carry if carry is not None else int(left)), int(right)
+        value = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op] + (delta if i == k else 0)
+        out.append(Step(s.what, f"{a} {op} {b}", value))
         carry = value
     return tuple(out)
 
@@ -231,13 +233,21 @@ def solution(p: Problem, style: str = "canonical", rng: random.Random | None = N
         ]
         if len(p.steps) == 1:
             lines = [f"We compute {p.steps[0].expr} = {p.steps[0].value}, the {p.steps[0].what}."]
-        return "<think>\n" + "\n".join(lines) + f"\n</think>\nSo the final answer is \\boxed{{{p.answer}}}."
+        return (
+            "<think>\n"
+            + "\n".join(lines)
+            + f"\n</think>\nSo the final answer is \\boxed{{{p.answer}}}."
+        )
     if style == "terse":
         return f"<think>\n</think>\nThe answer is \\boxed{{{p.answer}}}."
     if style == "wrong":
         steps = _wrong_steps(rng or random.Random(0), p.steps)
         lines = [f"Step {i}: {s.what}: {s.expr} = {s.value}." for i, s in enumerate(steps, 1)]
-        return "<think>\n" + "\n".join(lines) + f"\n</think>\nThe answer is \\boxed{{{steps[-1].value}}}."
+        return (
+            "<think>\n"
+            + "\n".join(lines)
+            + f"\n</think>\nThe answer is \\boxed{{{steps[-1].value}}}."
+        )
     raise ValueError(f"unknown solution style {style!r}; expected one of {POOL_TYPES}")
 
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from reasonlab.config import ConfigError, config_hash, validate  # noqa: E402
@@ -40,11 +41,32 @@ def env_dir(name):
     return p if p.is_absolute() else Path(workflow.basedir) / p
 
 
+def using_conda():
+    return DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+
+
+def conda_env(name):
+    """The conda description of an environment (used only with --use-conda)."""
+    return str(Path(workflow.basedir) / "envs" / f"{name}.yaml")
+
+
+CORE_CONDA = conda_env("core")
+
+
+def get_env_conda(wildcards):
+    return conda_env(wildcards.env)
+
+
 def get_env_python(wildcards):
+    """The Python of the job's environment: the venv's, or under --use-conda the activated env's."""
+    if using_conda():
+        return "python"
     return str(env_dir(wildcards.env) / "bin" / "python")
 
 
 def get_env_stamp(wildcards):
+    if using_conda():
+        return []
     stamp = env_dir(wildcards.env) / ".reasonlab-spec"
     if not stamp.exists():
         raise WorkflowError(
@@ -88,7 +110,9 @@ def get_model_inputs(wildcards):
     """The weights directory when it is local (so the rule that builds it runs first), and the base handle."""
     local = local_path(MODELS[wildcards.model], wildcards.ckpt)
     inputs = {}
-    if local is not None and (local.startswith("results/") or Path(local).expanduser().exists()):
+    if local is not None and (
+        local.startswith("results/") or Path(local).expanduser().exists()
+    ):
         inputs["weights"] = local
     base = _base_of(wildcards.model)
     if base:

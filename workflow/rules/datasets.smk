@@ -8,13 +8,15 @@ rule prepare_dataset:
         table="results/data/{dataset}.parquet",
         rejects="results/data/{dataset}.rejects.jsonl",
         summary="results/data/{dataset}.summary.json",
-    params:
-        spec=get_dataset_spec,
     log:
         "logs/prepare_dataset/{dataset}.log",
+    conda:
+        CORE_CONDA
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        spec=get_dataset_spec,
     script:
         "../../scripts/prepare_dataset.py"

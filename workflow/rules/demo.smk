@@ -7,15 +7,17 @@ rule build_demo_data:
         eval="results/demo/eval.jsonl",
         control="results/demo/control.jsonl",
         pretrain="results/demo/pretrain.jsonl",
-    params:
-        seed=config["demo"]["seed"],
-        sizes=config["demo"]["sizes"],
     log:
         "logs/demo/build_demo_data.log",
+    conda:
+        CORE_CONDA
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
+    params:
+        seed=config["demo"]["seed"],
+        sizes=config["demo"]["sizes"],
     script:
         "../../scripts/build_demo_data.py"
 
@@ -27,14 +29,16 @@ rule build_demo_tokenizer:
         pretrain=rules.build_demo_data.output.pretrain,
     output:
         directory("results/demo/tokenizer"),
-    params:
-        vocab_size=config["demo"]["vocab_size"],
     log:
         "logs/demo/build_demo_tokenizer.log",
+    conda:
+        CORE_CONDA
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        vocab_size=config["demo"]["vocab_size"],
     script:
         "../../scripts/build_demo_tokenizer.py"
 
@@ -44,16 +48,18 @@ rule build_demo_model:
         tokenizer=rules.build_demo_tokenizer.output[0],
     output:
         directory("results/demo/model-init"),
-    params:
-        spec=config["demo"]["model"],
-        seed=config["demo"]["seed"],
     log:
         "logs/demo/build_demo_model.log",
     benchmark:
         "benchmarks/demo/build_demo_model.tsv"
+    conda:
+        CORE_CONDA
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        spec=config["demo"]["model"],
+        seed=config["demo"]["seed"],
     script:
         "../../scripts/build_demo_model.py"

@@ -7,14 +7,16 @@ rule describe_env:
         stamp=get_env_stamp,
     output:
         "results/envs/{env}.json",
-    params:
-        python=get_env_python,
-        script=SCRIPTS / "describe_env.py",
     log:
         "logs/describe_env/{env}.log",
+    conda:
+        get_env_conda
     threads: 1
     resources:
         mem_mb=4000,
         runtime=10,
+    params:
+        python=get_env_python,
+        script=SCRIPTS / "describe_env.py",
     shell:
         "{params.python:q} {params.script:q} --env {wildcards.env} --output {output:q} > {log:q} 2>&1"

@@ -14,6 +14,8 @@ rule aggregate_overview:
     log:
         "logs/aggregate/overview.log",
     localrule: True
+    conda:
+        CORE_CONDA
     threads: 1
     resources:
         mem_mb=1000,
@@ -32,15 +34,17 @@ rule report:
         unpack(get_report_tables),
     output:
         "results/report.html",
-    params:
-        title=config["report"]["title"],
-        config_hash=CONFIG_HASH,
     log:
         "logs/report.log",
     localrule: True
+    conda:
+        CORE_CONDA
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        title=config["report"]["title"],
+        config_hash=CONFIG_HASH,
     script:
         "../../scripts/report.py"

@@ -1,0 +1,130 @@
+"""Config validation: defaults, shorthands, presets, and one clear message per problem."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reasonlab.config import ConfigError, config_hash, load, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def minimal(**extra):
+    return {
+        "models": {"m": {"source": "org/model"}},
+        "datasets": {"d": {"source": "data/x.jsonl", "format": "query"}},
+        **extra,
+    }
+
+
+def error_of(cfg) -> str:
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    return str(e.value)
+
+
+def test_demo_config_is_valid():
+    cfg = validate(DEMO)
+    assert cfg["models"]["tiny-init"]["checkpoints"] == {"base": None}
+    assert set(cfg["datasets"]) == {"demo-pool", "demo-eval", "demo-control"}
+
+
+def test_defaults_filled_and_shorthands_normalized():
+    cfg = validate(minimal())
+    assert cfg["environments"] == {
+        "core": ".venvs/core",
+        "train": ".venvs/train",
+        "gen": ".venvs/gen",
+    }
+    assert cfg["demo"]["sizes"]["eval"] == 60 and cfg["demo"]["model"]["hidden_size"] == 128
+    assert cfg["models"]["m"]["checkpoints"] == {"base": None}
+    assert cfg["models"]["m"]["dtype"] == "auto" and cfg["models"]["m"]["download"] is False
+    assert cfg["datasets"]["d"]["split"] == "test" and cfg["datasets"]["d"]["num_samples"] is None
+    cfg = validate(minimal(models={"m": {"source": "a/b", "checkpoints": ["base", "step-10"]}}))
+    assert cfg["models"]["m"]["checkpoints"] == {"base": None, "step-10": None}
+
+
+def test_validate_does_not_modify_its_input():
+    raw = minimal()
+    before = copy.deepcopy(raw)
+    validate(raw)
+    assert raw == before
+
+
+def test_unknown_key_names_path_and_allowed_keys():
+    cfg = minimal()
+    cfg["datasets"]["d"]["num_sample"] = 3
+    msg = error_of(cfg)
+    assert "datasets.d: unknown key(s) 'num_sample'" in msg
+    assert "allowed keys are: columns, config, format, num_samples, seed, source, split" in msg
+
+
+def test_wrong_type_and_enum():
+    cfg = minimal()
+    cfg["datasets"]["d"]["num_samples"] = "ten"
+    cfg["datasets"]["d"]["format"] = "mth"
+    msg = error_of(cfg)
+    assert "datasets.d.format: 'mth' is not one of" in msg
+    assert "datasets.d.num_samples: 'ten' is not of type 'integer', 'null'" in msg
+    assert len(msg.splitlines()) == 3  # heading + one line per problem
+
+
+def test_missing_required_keys():
+    assert "(top level): 'datasets' is a required property" in error_of(
+        {"models": {"m": {"source": "a/b"}}}
+    )
+    msg = error_of(minimal(models={"m": {"checkpoints": ["base"]}}))
+    assert "models.m: 'source' is a required property" in msg
+
+
+def test_bad_names_and_checkpoint_forms():
+    msg = error_of(minimal(models={"bad name": {"source": "a/b"}}))
+    assert "models: 'bad name' is not allowed; expected a short name: letters, digits" in msg
+    msg = error_of(minimal(models={"m": {"source": "a/b", "checkpoints": "base"}}))
+    assert "models.m.checkpoints" in msg and "expected name → what to load" in msg
+
+
+def test_undefined_base_model_or_checkpoint():
+    cfg = minimal(models={"m": {"source": "a/b"}, "lora": {"source": "/x", "base": "qwen"}})
+    msg = error_of(cfg)
+    assert (
+        "models.lora.base: model 'qwen' is not defined under models; defined models are: lora, m"
+        in msg
+    )
+    cfg = minimal(models={"m": {"source": "a/b"}, "lora": {"source": "/x", "base": "m/step-9"}})
+    assert "checkpoint 'step-9' is not listed under models.m.checkpoints (base)" in error_of(cfg)
+    validate(minimal(models={"m": {"source": "a/b"}, "lora": {"source": "/x", "base": "m/base"}}))
+
+
+def test_presets_merge_and_cap_samples(tmp_path):
+    cfg = load(ROOT / "config.yaml", ROOT / "resources/presets/quick.yaml")
+    assert {d["num_samples"] for d in cfg["datasets"].values()} == {10}
+    base = tmp_path / "c.yaml"
+    base.write_text(
+        yaml.safe_dump(
+            minimal(datasets={"d": {"source": "x.jsonl", "format": "query", "num_samples": 3}})
+        )
+    )
+    assert load(base, ROOT / "resources/presets/quick.yaml")["datasets"]["d"]["num_samples"] == 3
+    assert load(base, ROOT / "resources/presets/full.yaml")["datasets"]["d"]["num_samples"] == 3
+    for preset in (ROOT / "resources/presets").glob("*.yaml"):
+        load(ROOT / "config.yaml", preset)  # every preset is valid over the demo
+
+
+def test_load_reports_bad_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(p)
+
+
+def test_config_hash_ignores_key_order_but_not_values():
+    a = minimal()
+    b = {"datasets": a["datasets"], "models": a["models"]}
+    assert config_hash(a) == config_hash(b)
+    c = minimal()
+    c["datasets"]["d"]["num_samples"] = 5
+    assert config_hash(a) != config_hash(c)

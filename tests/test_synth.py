@@ -1,0 +1,106 @@
+"""The demo's synthetic data generator."""
+
+import re
+
+import pytest
+
+from reasonlab import synth
+from reasonlab.answers import last_boxed
+
+SMALL = synth.DemoSizes(pool_per_type=12, eval=30, control=20, pretrain=60)
+STEP = re.compile(r"^Step \d+: .*: (\d+) ([-+*/]) (\d+) = (-?\d+)\.$")
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def check_arithmetic(solution: str) -> int:
+    """Recompute every step of a canonical solution independently; return the last value."""
+    think = solution.split("<think>\n", 1)[1].split("\n</think>", 1)[0]
+    value = None
+    for line in think.splitlines():
+        a, op, b, v = STEP.match(line).groups()
+        a, b, v = int(a), int(b), int(v)
+        if value is not None:
+            assert a == value, f"step does not continue from the previous result: {line}"
+        if op == "/":
+            assert a % b == 0, f"inexact division: {line}"
+            assert v == a // b
+        else:
+            assert v == OPS[op](a, b), line
+        value = v
+    return value
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    a, b = synth.build_demo_data(3, SMALL), synth.build_demo_data(3, SMALL)
+    c = synth.build_demo_data(4, SMALL)
+    assert a == b
+    assert a["eval"] != c["eval"] and a["pool"] != c["pool"]
+
+
+def test_sizes_and_pool_types():
+    d = synth.build_demo_data(0, SMALL)
+    assert len(d["eval"]) == 30 and len(d["control"]) == 20
+    assert len(d["pretrain"]) == 60 + 20  # problems plus the control answers
+    types = [r["type"] for r in d["pool"]]
+    assert {t: types.count(t) for t in set(types)} == dict.fromkeys(synth.POOL_TYPES, 12)
+
+
+def test_eval_solutions_are_correct_and_levels_match_steps():
+    d = synth.build_demo_data(0, SMALL)
+    levels, templates = set(), set()
+    for row in d["eval"]:
+        value = check_arithmetic(row["solution"])
+        assert str(value) == row["answer"] == last_boxed(row["solution"])
+        n_steps = row["solution"].count("\nStep ")
+        assert row["level"] == f"Level {n_steps}"
+        assert int(row["answer"]) >= 0
+        levels.add(row["level"])
+        templates.add(row["type"])
+    assert levels == {"Level 1", "Level 2", "Level 3"}
+    assert templates == set(synth.TEMPLATES)
+
+
+def test_pool_styles():
+    d = synth.build_demo_data(0, SMALL)
+    for row in d["pool"]:
+        boxed = last_boxed(row["output"])
+        if row["type"] == "canonical":
+            assert str(check_arithmetic(row["output"])) == boxed == row["answer"]
+        elif row["type"] in ("paraphrase", "terse"):
+            assert boxed == row["answer"]
+        elif row["type"] == "wrong":
+            assert boxed != row["answer"]  # a slip in one step carried to the end
+        assert row["output"].startswith("<think>\n") and "\n</think>\n" in row["output"]
+
+
+def test_held_out_eval_never_in_training_texts():
+    d = synth.build_demo_data(0, SMALL)
+    train_text = "\n".join(r["text"] for r in d["pretrain"]) + "\n".join(
+        r["input"] for r in d["pool"]
+    )
+    for row in d["eval"]:
+        assert row["problem"] not in train_text
+
+
+def test_control_prompts_distinct_with_answers():
+    rows = synth.control_prompts(0, 40)
+    assert len({r["query"] for r in rows}) == 40
+    for r in rows:
+        if r["query"].startswith("Repeat this word: "):
+            assert r["answer"] == r["query"].removeprefix("Repeat this word: ").rstrip(".")
+
+
+def test_unknown_style_is_an_error():
+    p = next(synth.problems(0))
+    with pytest.raises(ValueError, match="unknown solution style"):
+        synth.solution(p, "poetic")
+
+
+def test_write_and_read_back(tmp_path):
+    paths = {
+        k: tmp_path / f"{k}.{'json' if k == 'pool' else 'jsonl'}"
+        for k in ("pool", "eval", "control", "pretrain")
+    }
+    counts = synth.write_demo_data(paths, 0, SMALL)
+    assert counts == {"pool": 48, "eval": 30, "control": 20, "pretrain": 80}
+    assert synth.read_demo_files(paths) == synth.build_demo_data(0, SMALL)
