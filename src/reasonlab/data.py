@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -40,6 +41,8 @@ COLUMNS = [
 ]
 LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv"}
 RAW_CHARS = 300
+MAX_LOGGED_REJECTS = 20
+log = logging.getLogger(__name__)
 
 
 class DatasetError(ReasonlabError):
@@ -71,6 +74,20 @@ def is_local(source: str) -> bool:
         or source.startswith(("/", "./", "../", "~"))
         or os.path.exists(os.path.expanduser(source))
     )
+
+
+def missing_sources(datasets: dict[str, dict], produced_under: str = "results/") -> list[str]:
+    """One message per configured local source that does not exist and no rule produces."""
+    problems = []
+    for name, spec in datasets.items():
+        source = spec["source"]
+        produced = source.startswith(produced_under)
+        if is_local(source) and not produced and not os.path.exists(os.path.expanduser(source)):
+            problems.append(
+                f"datasets.{name}.source: {source!r} does not exist (relative paths are relative "
+                "to the working directory); fix the path, or prefix a hub dataset name with hub:"
+            )
+    return problems
 
 
 Record = tuple[int, Any]  # (1-based line or record number, the record or a RowError)
@@ -341,6 +358,12 @@ def prepare(spec: dict, name: str, progress: bool = False) -> Prepared:
         except RowError as e:
             rejects.append({"row": n, "reason": str(e), "raw": _raw(rec)})
     n_valid = len(rows)
+    for r in rejects[:MAX_LOGGED_REJECTS]:
+        log.warning("datasets.%s: rejected row %d: %s", name, r["row"], r["reason"])
+    if len(rejects) > MAX_LOGGED_REJECTS:
+        log.warning(
+            "datasets.%s: ... and %d more rejected rows", name, len(rejects) - MAX_LOGGED_REJECTS
+        )
     n, seed = spec.get("num_samples"), spec.get("seed")
     if n is not None and n < len(rows):
         if seed is None:

@@ -6,10 +6,11 @@ descriptions) into three small tidy tables; the `overview` section shows them.
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
-from reasonlab.report import Html, section, table_html
+from reasonlab.report import Html, section
 
 MODEL_COLUMNS = ["model", "ckpt", "kind", "location", "revision", "content_hash", "architecture",
                  "num_hidden_layers", "hidden_size", "vocab_size", "dtype", "is_adapter", "base"]  # fmt: skip
@@ -83,27 +84,15 @@ def overview_section(tables: dict, context: dict) -> list:
     import polars as pl
 
     models, datasets, envs = tables["models"], tables["datasets"], tables["environments"]
+    shown = models.with_columns(pl.col("content_hash").str.slice(0, 19)).drop("is_adapter")
     blocks: list = [
         Html(
             f"<p>{models['model'].n_unique()} model(s), {models.height} model × checkpoint handle(s), "
-            f"{datasets.height} dataset(s). Config hash <code>{context.get('config_hash', '?')}</code>; "
-            f"reasonlab {context.get('version', '?')}.</p>"
+            f"{datasets.height} dataset(s). Config hash <code>{html.escape(str(context.get('config_hash', '?')))}</code>; "
+            f"reasonlab {html.escape(str(context.get('version', '?')))}.</p>"
         ),
         Html("<h3>Models and checkpoints</h3>"),
-        models.select(
-            "model",
-            "ckpt",
-            "kind",
-            "location",
-            "revision",
-            "architecture",
-            "num_hidden_layers",
-            "hidden_size",
-            "vocab_size",
-            "dtype",
-            "base",
-            "content_hash",
-        ),  # fmt: skip
+        shown,
         Html("<h3>Datasets</h3>"),
         datasets,
     ]
@@ -124,14 +113,18 @@ def overview_section(tables: dict, context: dict) -> list:
         .properties(width=480, height=alt.Step(22), title="Rows kept and rejected per dataset")
     )
     blocks.append(Html("<h3>Environments</h3>"))
-    for env in envs["environment"].unique(maintain_order=True):
-        sub = envs.filter(pl.col("environment") == env)
-        ok = sub["imports_ok"][0]
-        status = (
+    status = envs.group_by("environment", maintain_order=True).agg(
+        pl.first("python"), pl.first("imports_ok"), pl.first("import_errors")
+    )
+    for env, python, ok, errors in status.iter_rows():
+        state = (
             '<span class="ok">imports ok</span>'
             if ok
-            else f'<span class="warn">import failed: {sub["import_errors"][0]}</span>'
+            else f'<span class="warn">import failed: {html.escape(errors or "")}</span>'
         )
-        blocks.append(Html(f"<p><b>{env}</b> (Python {sub['python'][0]}): {status}</p>"))
-        blocks.append(Html(table_html(sub.select("package", "version"))))
+        blocks.append(
+            Html(f"<p><b>{html.escape(env)}</b> (Python {html.escape(python)}): {state}</p>")
+        )
+    versions = envs.pivot(on="environment", index="package", values="version").sort("package")
+    blocks.append(versions)
     return blocks

@@ -8,7 +8,7 @@ from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from reasonlab.config import ConfigError, config_hash, validate  # noqa: E402
-from reasonlab.data import is_local  # noqa: E402
+from reasonlab.data import is_local, missing_sources  # noqa: E402
 from reasonlab.models import local_path  # noqa: E402
 
 try:
@@ -17,6 +17,9 @@ except ConfigError as e:
     raise WorkflowError(str(e)) from None
 config.clear()
 config.update(_validated)
+_missing = missing_sources(config["datasets"])
+if _missing:
+    raise WorkflowError("\n".join(_missing))
 
 SCRIPTS = Path(workflow.basedir) / "scripts"
 MODELS = config["models"]
@@ -130,14 +133,7 @@ def get_dataset_spec(wildcards):
 def get_dataset_inputs(wildcards):
     """The source file when it is local, so that rules producing it (the demo) run first."""
     source = DATASETS[wildcards.dataset]["source"]
-    if not is_local(source):
-        return {}
-    if not source.startswith("results/") and not Path(source).expanduser().exists():
-        raise WorkflowError(
-            f"datasets.{wildcards.dataset}.source: {source!r} does not exist (relative paths are "
-            "relative to the working directory); fix the path, or prefix a hub dataset name with hub:"
-        )
-    return {"source": source}
+    return {"source": source} if is_local(source) else {}
 
 
 # ---------------------------------------------------------------- report

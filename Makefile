@@ -1,0 +1,17 @@
+# The README's two commands:
+#   make demo   build the environments, then run the embedded demo to results/report.html
+#   make test   build the environments, then run the test suite
+# Building the environments (envs/setup.sh) is idempotent: an unchanged environment is skipped.
+VENVS ?= .venvs
+CORES ?= 2
+
+.PHONY: envs demo test
+
+envs:
+	bash envs/setup.sh
+
+demo: envs
+	$(VENVS)/core/bin/snakemake -c$(CORES) results/report.html
+
+test: envs
+	$(VENVS)/core/bin/python -m pytest

