@@ -216,14 +216,14 @@ def test_lint_and_format_are_clean():
     )
     assert r.returncode == 0, r.stderr
     r = subprocess.run(
-        [str(BIN / "ruff"), "check", "src", "scripts", "tests"],
+        [str(BIN / "ruff"), "check", "src", "scripts", "tests", "benchmarks"],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stdout
     r = subprocess.run(
-        [str(BIN / "ruff"), "format", "--check", "src", "scripts", "tests"],
+        [str(BIN / "ruff"), "format", "--check", "src", "scripts", "tests", "benchmarks"],
         cwd=ROOT,
         capture_output=True,
         text=True,
