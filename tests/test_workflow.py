@@ -134,7 +134,17 @@ def test_second_run_does_nothing(demo):
 
 def test_quick_preset_reruns_only_datasets_and_report(demo):
     jobs = planned(demo, "--configfile", "config.yaml", str(ROOT / "resources/presets/quick.yaml"))
-    assert jobs == Counter({"prepare_dataset": 3, "aggregate_overview": 1, "report": 1, "all": 1})
+    # the datasets change, so do their scores (2 text sets x 1 checkpoint) and every aggregate
+    assert jobs == Counter(
+        {
+            "prepare_dataset": 3,
+            "score": 2,
+            "aggregate_scores": 1,
+            "aggregate_overview": 1,
+            "report": 1,
+            "all": 1,
+        }
+    )
 
 
 def test_invalid_config_stops_with_one_message(scratch):
@@ -196,7 +206,14 @@ def test_adding_a_model_schedules_only_its_jobs(scratch):
     cfg["models"]["tiny-copy"] = {"source": "./results/demo/model-init", "checkpoints": ["base"]}
     write_config(scratch, cfg)
     assert planned(scratch) == Counter(
-        {"resolve_model": 1, "aggregate_overview": 1, "report": 1, "all": 1}
+        {
+            "resolve_model": 1,
+            "score": 2,
+            "aggregate_scores": 1,
+            "aggregate_overview": 1,
+            "report": 1,
+            "all": 1,
+        }
     )
 
 
@@ -250,5 +267,38 @@ def test_job_stats_parser_sees_every_job(demo):
     # guard for `planned`: a forced full re-run lists every rule of the demo
     jobs = planned(demo, "-F")
     assert set(jobs) == {"all", "build_demo_data", "build_demo_tokenizer", "build_demo_model", "describe_env",
-                         "resolve_model", "prepare_dataset", "aggregate_overview", "report"}  # fmt: skip
-    assert jobs["describe_env"] == 3 and jobs["prepare_dataset"] == 3
+                         "resolve_model", "prepare_dataset", "aggregate_overview", "report", "score", "aggregate_scores"}  # fmt: skip
+    assert jobs["describe_env"] == 3 and jobs["prepare_dataset"] == 3 and jobs["score"] == 2
+
+
+def test_scores_match_the_models_own_loss(demo):
+    """The score rule's log-likelihoods equal the Hugging Face model's `labels=` loss on the same text."""
+    import torch
+
+    from reasonlab.models import load_model
+    from reasonlab.prompts import render_prompt
+
+    model, tok = load_model(demo / "results/models/tiny-init/base.json")
+    data = pl.read_parquet(demo / "results/data/demo-pool.parquet")
+    seqs = pl.read_parquet(demo / "results/scores/tiny-init/base/demo-pool.sequences.parquet")
+    assert (
+        seqs["id"].to_list() == data["id"].to_list()
+        and seqs["type"].to_list() == data["type"].to_list()
+    )
+    for row in data.head(5).iter_rows(named=True):
+        p = tok(render_prompt(tok, row["question"]), add_special_tokens=False)["input_ids"]
+        c = tok(row["solution"], add_special_tokens=False)["input_ids"]
+        x = torch.tensor([p + c])
+        labels = x.clone()
+        labels[0, : len(p)] = -100
+        with torch.no_grad():
+            want = -float(model(input_ids=x, labels=labels).loss) * len(c)
+        got = seqs.filter(pl.col("id") == row["id"]).row(0, named=True)
+        assert got["n_tokens"] == len(c) and abs(got["llh_sum"] - want) < 1e-3
+    tokens = pl.read_parquet(demo / "results/scores/tiny-init/base/demo-pool.tokens.parquet")
+    assert tokens.height == seqs["n_tokens"].sum()
+    by_type = pl.read_parquet(demo / "results/aggregate/score_by_type.parquet")
+    # pool rows carry a sample type; the eval rows (MATH format: its `type` is the subject) have none
+    assert sorted(by_type["type"]) == ["(none)", "canonical", "paraphrase", "terse", "wrong"]
+    doc = (demo / "results/report.html").read_text()
+    assert "Token entropy and log-likelihood" in doc and "Highest- and lowest-entropy tokens" in doc

@@ -108,7 +108,8 @@ def _normalize(config: dict) -> None:
 
 
 def _check_references(config: dict) -> None:
-    """Every name a key refers to must be defined: `models.<m>.base` names a model (and checkpoint)."""
+    """Every name a key refers to must be defined: `models.<m>.base` names a model (and checkpoint),
+    `score.textsets` datasets and `score.models` models."""
     problems = []
     models = config["models"]
     for name, spec in models.items():
@@ -127,6 +128,19 @@ def _check_references(config: dict) -> None:
             problems.append(
                 f"models.{name}.base: checkpoint {base_ckpt!r} is not listed under "
                 f"models.{base_model}.checkpoints ({', '.join(models[base_model]['checkpoints'])})"
+            )
+    datasets = config["datasets"]
+    for i, name in enumerate(config["score"]["textsets"]):
+        if name not in datasets:
+            problems.append(
+                f"score.textsets[{i}]: dataset {name!r} is not defined under datasets; "
+                f"defined datasets are: {', '.join(sorted(datasets))}"
+            )
+    for i, name in enumerate(config["score"]["models"] or []):
+        if name not in models:
+            problems.append(
+                f"score.models[{i}]: model {name!r} is not defined under models; "
+                f"defined models are: {', '.join(sorted(models))}"
             )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

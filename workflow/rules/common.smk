@@ -136,6 +136,43 @@ def get_dataset_inputs(wildcards):
     return {"source": source} if is_local(source) else {}
 
 
+# ---------------------------------------------------------------- scoring
+
+SCORE = config["score"]
+SCORE_OPTIONS = {
+    k: SCORE[k]
+    for k in (
+        "scope",
+        "boundary",
+        "append_eos",
+        "max_length",
+        "truncation",
+        "token_budget",
+    )
+}
+SCORE_JOBS = [
+    (m, c, t)
+    for m in (SCORE["models"] or list(MODELS))
+    for c in model_checkpoints(m)
+    for t in SCORE["textsets"]
+]
+
+
+def score_outputs(kind):
+    return [f"results/scores/{m}/{c}/{t}.{kind}.parquet" for m, c, t in SCORE_JOBS]
+
+
+def score_job_list():
+    """(model, ckpt, checkpoint order, text set) of every score job, for the aggregation."""
+    return [[m, c, model_checkpoints(m).index(c), t] for m, c, t in SCORE_JOBS]
+
+
+def score_detailed_output():
+    return (
+        ["results/aggregate/score_tokens.parquet"] if SCORE["detailed_tokens"] else []
+    )
+
+
 # ---------------------------------------------------------------- report
 
 # name -> aggregated Parquet; every stage registers the tables its report section reads.

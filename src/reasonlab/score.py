@@ -1,0 +1,465 @@
+"""Teacher-forced scoring: exact per-token entropy, varentropy, log-likelihood and perplexity.
+
+Given (prompt, completion) pairs and a causal LM, one forward pass per batch over prompt +
+completion gives, for every scored token t (predicted from the positions before it):
+
+- logprob / prob of the actual token, its rank (1 = the most likely token),
+- entropy H = -Σ p log p over the full vocabulary, and varentropy Σ p (log p + H)²,
+- the top-1 token and its probability, and the margin between the top two probabilities;
+
+and for every text: n_tokens, llh_sum, llh_mean, perplexity = exp(-llh_mean) and entropy
+mean/median/std/min/max. Only completion tokens are scored by default (`scope="completion"`);
+`scope="all"` scores every token after the first.
+
+How it stays fast and bounded: requests are sorted by length, longest first (an out-of-memory shows
+up in the first batch), and batched by a padded-token budget rather than a fixed count; the model's
+body runs once per batch, and the output head plus the statistics run only on the scored positions,
+in chunks of at most `chunk_elements` logits, in float32 whatever the model dtype. Everything is
+vectorized; there is no Python loop over tokens or the vocabulary.
+
+Tokenization boundary: the prompt and the completion are encoded separately and concatenated
+(`boundary="separate"`, the default), as LlamaFactory builds training examples and as a generator
+produces completion tokens after prompt tokens; `boundary="joint"` encodes prompt + completion as one
+string and splits at the first token that ends after the prompt's last character. Where a token
+would straddle the boundary the two differ, by several nats on a whole text. Generated texts can
+pass their exact token ids instead (`completion_ids`), which avoids re-tokenization altogether.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from reasonlab import ReasonlabError
+
+log = logging.getLogger(__name__)
+
+TOKEN_COLUMNS = [
+    "id", "position", "token_id", "token", "logprob", "prob", "entropy", "varentropy", "rank",
+    "top1_id", "top1_token", "top1_prob", "margin", "is_prompt",
+]  # fmt: skip
+SEQUENCE_COLUMNS = [
+    "id", "n_prompt_tokens", "n_tokens", "truncated", "llh_sum", "llh_mean", "perplexity",
+    "entropy_mean", "entropy_median", "entropy_std", "entropy_min", "entropy_max",
+]  # fmt: skip
+
+
+class ScoreError(ReasonlabError):
+    """A text cannot be scored as asked (too long, mismatched tokenizer, non-finite logits...)."""
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How to score. Defaults suit a CPU; on a GPU raise `token_budget`."""
+
+    scope: str = (
+        "completion"  # "completion": completion tokens only; "all": every token after the first
+    )
+    boundary: str = "separate"  # "separate" or "joint" (see the module docstring)
+    token_budget: int = 2048  # padded tokens per batch (rows x longest row); more on a GPU
+    max_batch: int = 64  # rows per batch at most
+    chunk_elements: int = 2**23  # logits (positions x vocabulary) materialized at once
+    max_length: int | None = None  # default: the model's max_position_embeddings
+    truncation: str = "error"  # too long: "error", "left" (drop the prompt's start) or "right" (cut the completion's end)
+    append_eos: bool = False  # score the end-of-sequence token after each completion
+    progress: bool = True
+
+
+@dataclass
+class TextItem:
+    """One text to score: a prompt and a completion (as text, or as exact token ids)."""
+
+    id: str
+    prompt: str
+    completion: str = ""
+    completion_ids: Sequence[int] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ the statistics
+
+
+def token_stats(logits, targets) -> dict:
+    """Per-row statistics of next-token distributions, computed in float32.
+
+    `logits`: [N, V] (any float dtype); `targets`: [N] token ids. Returns a dict of [N] tensors:
+    logprob, entropy, varentropy, rank, top1_id, top1_logprob, margin (top-1 minus top-2 probability).
+    A logit of -inf is a token of probability 0; NaN or +inf is refused by the caller.
+    """
+    import torch
+
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    lp = lf - lse
+    p = lp.exp()
+    plp = torch.where(p > 0, p * lp, torch.zeros((), dtype=lp.dtype))
+    entropy = -plp.sum(-1)
+    dev = torch.where(p > 0, lp + entropy[:, None], torch.zeros((), dtype=lp.dtype))
+    varentropy = (p * dev * dev).sum(-1)
+    tgt = lf.gather(-1, targets[:, None].long())
+    rank = (lf > tgt).sum(-1) + 1
+    top = lp.topk(2, dim=-1) if lp.shape[-1] > 1 else None
+    top1_lp = top.values[:, 0] if top is not None else lp[:, 0]
+    margin = top1_lp.exp() - top.values[:, 1].exp() if top is not None else torch.ones_like(top1_lp)
+    return {
+        "logprob": (tgt[:, 0] - lse[:, 0]),
+        "entropy": entropy,
+        "varentropy": varentropy.clamp_min(0.0),
+        "rank": rank,
+        "top1_id": top.indices[:, 0] if top is not None else torch.zeros_like(targets),
+        "top1_logprob": top1_lp,
+        "margin": margin,
+    }
+
+
+# ------------------------------------------------------------------------------ encoding
+
+
+@dataclass
+class Encoded:
+    id: str
+    ids: list[int]
+    n_prompt: int  # tokens before the first scored one (completion scope)
+    truncated: bool = False
+
+
+def encode(
+    items: Sequence[TextItem], tokenizer, opts: ScoreOptions, max_length: int
+) -> list[Encoded]:
+    """Token ids of every item with the prompt/completion boundary, truncated by the policy."""
+    if opts.boundary not in ("separate", "joint"):
+        raise ScoreError(f"boundary must be 'separate' or 'joint', not {opts.boundary!r}")
+    eos = [tokenizer.eos_token_id] if opts.append_eos and tokenizer.eos_token_id is not None else []
+    prompts = tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]
+    out = []
+    if opts.boundary == "separate":
+        texts = [it.completion for it in items]
+        comps = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        for it, p, c in zip(items, prompts, comps, strict=True):
+            c = list(it.completion_ids) if it.completion_ids is not None else c
+            out.append(
+                Encoded(it.id, list(p) + list(c) + (eos if c or it.completion else []), len(p))
+            )
+    else:
+        joint = tokenizer(
+            [it.prompt + it.completion for it in items],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+        )
+        for it, ids, offsets in zip(
+            items, joint["input_ids"], joint["offset_mapping"], strict=True
+        ):
+            cut = len(it.prompt)
+            n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > cut), len(ids))
+            out.append(Encoded(it.id, list(ids) + (eos if n_prompt < len(ids) else []), n_prompt))
+    for e in out:
+        if len(e.ids) > max_length:
+            if opts.truncation == "left" and e.n_prompt > len(e.ids) - max_length:
+                drop = len(e.ids) - max_length
+                e.ids, e.n_prompt, e.truncated = e.ids[drop:], e.n_prompt - drop, True
+            elif opts.truncation == "right":
+                e.ids, e.truncated = e.ids[:max_length], True
+                e.n_prompt = min(e.n_prompt, max_length)
+            else:
+                raise ScoreError(
+                    f"text {e.id!r}: {len(e.ids)} tokens exceed the limit of {max_length} "
+                    f"(truncation={opts.truncation!r}); set score.truncation to 'left' or 'right', "
+                    f"or score.max_length"
+                )
+    return out
+
+
+def batches(lengths: Sequence[int], token_budget: int, max_batch: int) -> list[list[int]]:
+    """Indices grouped into batches, longest first, each within `token_budget` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out, cur = [], []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and ((len(cur) + 1) * longest > token_budget or len(cur) >= max_batch):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+# ------------------------------------------------------------------------------ the model side
+
+
+def _head(model):
+    """(body, head, softcap): the decoder that gives final hidden states, the output projection, and
+    the final logit soft-capping some architectures apply."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings()
+    if body is None or head is None or body is base:
+        raise ScoreError(
+            f"{type(base).__name__}: cannot split it into decoder and output head for scoring"
+        )
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return body, head, softcap
+
+
+def check_tokenizer(model, tokenizer, where: str) -> None:
+    """The tokenizer's ids must fit the model's vocabulary, and padding needs a pad token."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ScoreError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab}; "
+            "the handle's tokenizer does not belong to this model (set models.<m>.tokenizer)"
+        )
+
+
+def score_items(
+    model,
+    tokenizer,
+    items: Sequence[TextItem],
+    opts: ScoreOptions | None = None,
+    where: str = "model",
+):
+    """Score `items` under `model`. Returns (tokens, sequences) as polars DataFrames.
+
+    `tokens` has one row per scored token (TOKEN_COLUMNS, plus the items' meta is not repeated
+    there); `sequences` one row per item, in input order (SEQUENCE_COLUMNS plus each item's meta).
+    An item with nothing to score (empty completion) gets n_tokens = 0 and null statistics.
+    """
+    import numpy as np
+    import polars as pl
+    import torch
+
+    opts = opts or ScoreOptions()
+    if opts.scope not in ("completion", "all"):
+        raise ScoreError(f"scope must be 'completion' or 'all', not {opts.scope!r}")
+    check_tokenizer(model, tokenizer, where)
+    max_length = opts.max_length or getattr(model.config, "max_position_embeddings", None) or 2**31
+    enc = encode(items, tokenizer, opts, max_length)
+    body, head, softcap = _head(model)
+    device = head.weight.device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    cols: dict[str, list] = {k: [] for k in ("row", "position", "token_id", "logprob", "entropy", "varentropy",
+                                             "rank", "top1_id", "top1_logprob", "margin", "is_prompt")}  # fmt: skip
+    plan = batches([len(e.ids) for e in enc], opts.token_budget, opts.max_batch)
+    bar = None
+    if opts.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=sum(len(e.ids) for e in enc), desc=f"scoring ({where})", unit="tok", mininterval=5
+        )
+    with torch.inference_mode():
+        for rows in plan:
+            width = len(enc[rows[0]].ids)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            # positions to score: (batch row, position predicting the next token), and the targets
+            b_idx, p_idx, first = [], [], []
+            for r, i in enumerate(rows):
+                e = enc[i]
+                n = len(e.ids)
+                ids[r, :n] = torch.tensor(e.ids)
+                mask[r, :n] = 1
+                start = 1 if opts.scope == "all" else max(e.n_prompt, 1)
+                b_idx.extend([r] * (n - start))
+                p_idx.extend(range(start - 1, n - 1))
+                first.append(start)
+            if not b_idx:
+                if bar:
+                    bar.update(int(mask.sum()))
+                continue
+            b = torch.tensor(b_idx)
+            pos = torch.tensor(p_idx)
+            hidden = body(
+                input_ids=ids.to(device), attention_mask=mask.to(device)
+            ).last_hidden_state
+            h = hidden[b.to(device), pos.to(device)]
+            targets = ids[b, pos + 1].to(device)
+            chunk = max(1, opts.chunk_elements // head.weight.shape[0])
+            for s in range(0, h.shape[0], chunk):
+                logits = head(h[s : s + chunk])
+                if softcap:
+                    logits = torch.tanh(logits.float() / softcap) * softcap
+                bad = torch.isnan(logits) | (logits == float("inf"))
+                if bad.any():
+                    row = rows[int(b[s + int(bad.any(-1).nonzero()[0])])]
+                    raise ScoreError(
+                        f"{where}: non-finite (NaN or +inf) logits while scoring text {enc[row].id!r}"
+                    )
+                st = token_stats(logits, targets[s : s + chunk])
+                for k in (
+                    "logprob",
+                    "entropy",
+                    "varentropy",
+                    "rank",
+                    "top1_id",
+                    "top1_logprob",
+                    "margin",
+                ):
+                    cols[k].append(st[k].cpu())
+            batch_rows = torch.tensor(rows)[b]
+            cols["row"].append(batch_rows)
+            cols["position"].append(pos + 1)
+            cols["token_id"].append(ids[b, pos + 1])
+            n_prompt = torch.tensor([enc[i].n_prompt for i in rows])[b]
+            cols["is_prompt"].append(pos + 1 < n_prompt)
+            if bar:
+                bar.update(int(mask.sum()))
+    if bar:
+        bar.close()
+
+    def cat(k, dtype):
+        return torch.cat(cols[k]).numpy().astype(dtype) if cols[k] else np.zeros(0, dtype=dtype)
+
+    row = cat("row", np.int64)
+    token_id = cat("token_id", np.int64)
+    top1_id = cat("top1_id", np.int64)
+    logprob = cat("logprob", np.float64)
+    n_prompt_arr = np.array([e.n_prompt for e in enc], dtype=np.int64)
+    position = cat("position", np.int64)
+    # completion tokens count from 1 (generation step); prompt tokens (scope "all") from 1 too
+    is_prompt = cat("is_prompt", bool)
+    step = np.where(is_prompt, position, position - n_prompt_arr[row] + 1) if len(row) else position
+    vocab = _token_texts(tokenizer, np.unique(np.concatenate([token_id, top1_id])))
+    tokens = pl.DataFrame(
+        {
+            "row": row,
+            "id": np.array([e.id for e in enc], dtype=object)[row].tolist() if len(row) else [],
+            "position": step,
+            "token_id": token_id,
+            "token": [vocab[t] for t in token_id.tolist()],
+            "logprob": logprob,
+            "prob": np.exp(logprob),
+            "entropy": cat("entropy", np.float64),
+            "varentropy": cat("varentropy", np.float64),
+            "rank": cat("rank", np.int64),
+            "top1_id": top1_id,
+            "top1_token": [vocab[t] for t in top1_id.tolist()],
+            "top1_prob": np.exp(cat("top1_logprob", np.float64)),
+            "margin": cat("margin", np.float64),
+            "is_prompt": is_prompt,
+        },
+        schema_overrides={"id": pl.String, "token": pl.String, "top1_token": pl.String},
+    ).sort("row", "is_prompt", "position", descending=[False, True, False])
+    sequences = summarize(
+        tokens.filter(~pl.col("is_prompt")) if opts.scope == "completion" else tokens, enc, items
+    )
+    return tokens.drop("row"), sequences
+
+
+def _token_texts(tokenizer, ids) -> dict[int, str]:
+    """Each token id decoded on its own (so byte-level symbols read as text)."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        return {}
+    texts = tokenizer.batch_decode(
+        [[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    return dict(zip(ids, texts, strict=True))
+
+
+def summarize(tokens, enc: Sequence[Encoded], items: Sequence[TextItem]):
+    """Per-text statistics from the per-token table; every item gets a row, in input order."""
+    import polars as pl
+
+    agg = tokens.group_by("row").agg(
+        n_tokens=pl.len(),
+        llh_sum=pl.col("logprob").sum(),
+        entropy_mean=pl.col("entropy").mean(),
+        entropy_median=pl.col("entropy").median(),
+        entropy_std=pl.col("entropy").std(ddof=0),
+        entropy_min=pl.col("entropy").min(),
+        entropy_max=pl.col("entropy").max(),
+    )
+    base = pl.DataFrame(
+        {
+            "row": list(range(len(enc))),
+            "id": [e.id for e in enc],
+            "n_prompt_tokens": [e.n_prompt for e in enc],
+            "truncated": [e.truncated for e in enc],
+        },
+        schema_overrides={"row": pl.Int64, "id": pl.String, "n_prompt_tokens": pl.Int64},
+    )
+    out = (
+        base.join(agg.with_columns(pl.col("row").cast(pl.Int64)), on="row", how="left")
+        .with_columns(pl.col("n_tokens").fill_null(0).cast(pl.Int64))
+        .with_columns(llh_mean=pl.col("llh_sum") / pl.col("n_tokens"))
+        .with_columns(perplexity=(-pl.col("llh_mean")).exp())
+        .sort("row")
+        .select(SEQUENCE_COLUMNS)
+    )
+    meta_keys = [k for k in (items[0].meta if items else {}) if k not in out.columns]
+    if meta_keys:
+        out = out.with_columns([pl.Series(k, [it.meta.get(k) for it in items]) for k in meta_keys])
+    return out
+
+
+# ------------------------------------------------------------------------------ text sets and jobs
+
+
+def reference_items(
+    df, tokenizer, prompt: str = "chat", system: str | None = None, dataset: str = ""
+) -> list[TextItem]:
+    """A prepared dataset's rows as (rendered prompt, reference solution) items to score.
+
+    Rows without a solution become empty completions (recorded with n_tokens = 0).
+    """
+    from reasonlab.prompts import render_prompt
+
+    items = []
+    for r in df.iter_rows(named=True):
+        text = render_prompt(tokenizer, r["question"], r["system"] or system, prompt)
+        meta = {"dataset": dataset, "type": r["type"], "subject": r["subject"], "level": r["level"]}
+        items.append(TextItem(r["id"], text, r["solution"] or "", meta=meta))
+    return items
+
+
+def write_tables(tables: dict, paths: dict) -> None:
+    """Write polars DataFrames to Parquet under temporary names, then move them into place together."""
+    import os
+    from pathlib import Path
+
+    tmp = {}
+    for key, df in tables.items():
+        out = Path(paths[key])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp[key] = out.with_name(out.name + ".tmp")
+        df.write_parquet(tmp[key])
+    for key, t in tmp.items():
+        os.replace(t, paths[key])
+
+
+def score_textset(handle, texts, out_tokens, out_sequences, options: dict, prompt: str = "chat",
+                  system: str | None = None, threads: int | None = None, name: str = "") -> dict:  # fmt: skip
+    """Score a prepared dataset's reference solutions under a model handle; write both tables.
+
+    Returns a small summary (texts, tokens, seconds, tokens per second).
+    """
+    import time
+
+    import torch
+
+    from reasonlab.data import read_dataset
+    from reasonlab.models import load_model, read_handle
+
+    if threads:
+        torch.set_num_threads(threads)
+    h = read_handle(handle)
+    where = f"{h.model}/{h.ckpt}"
+    model, tok = load_model(h, merge_adapter=True)
+    df = read_dataset(texts)
+    items = reference_items(df, tok, prompt, system, dataset=name)
+    t0 = time.perf_counter()
+    tokens, sequences = score_items(model, tok, items, ScoreOptions(**options), where=where)
+    seconds = time.perf_counter() - t0
+    write_tables(
+        {"tokens": tokens, "sequences": sequences},
+        {"tokens": out_tokens, "sequences": out_sequences},
+    )
+    n = int(sequences["n_tokens"].sum() + sequences["n_prompt_tokens"].sum())
+    summary = {"model": where, "texts": len(items), "scored_tokens": tokens.height, "tokens": n,
+               "seconds": round(seconds, 2), "tokens_per_s": round(n / seconds, 1) if seconds else None}  # fmt: skip
+    log.info("scored %s", summary)
+    return summary

@@ -1,0 +1,269 @@
+"""Token scoring, checked against independent computations."""
+
+import math
+
+import polars as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from reasonlab.score import ScoreError, ScoreOptions, TextItem, batches, score_items, token_stats
+
+QUIET = {"progress": False}
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    # sharpen the random model so that distributions are far from uniform
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3.0)
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+ITEMS = [
+    TextItem(
+        "a",
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n",
+        "<think>\n2 + 3 = 5.\n</think>\nThe answer is \\boxed{5}.",
+    ),
+    TextItem("b", "Repeat this word: apple.", " apple"),
+    TextItem(
+        "c",
+        "A pack holds 4 apples. Ben buys 7 packs. How many apples does Ben have?",
+        " 7 * 4 = 28, so 28 apples in all.",
+    ),
+    TextItem("d", "Say hello.", ""),
+    TextItem("e", "x", "Step 1: 10 * 3 = 30.\nStep 2: 30 - 4 = 26.\nStep 3: 26 / 2 = 13."),
+]
+
+
+def test_entropy_and_varentropy_match_categorical():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 1000) * 3
+    targets = torch.randint(0, 1000, (64,))
+    st = token_stats(logits, targets)
+    dist = torch.distributions.Categorical(logits=logits)
+    assert torch.allclose(st["entropy"], dist.entropy(), atol=1e-5)
+    surprisal = -dist.logits  # normalized log-probabilities
+    var = (dist.probs * (surprisal - dist.entropy()[:, None]) ** 2).sum(-1)
+    assert torch.allclose(st["varentropy"], var, atol=1e-5)
+    assert torch.allclose(st["logprob"], dist.log_prob(targets), atol=1e-5)
+    order = logits.argsort(-1, descending=True)
+    assert torch.equal(st["rank"], (order == targets[:, None]).float().argmax(-1) + 1)
+    assert torch.equal(st["top1_id"], order[:, 0])
+    sorted_p = dist.probs.sort(-1, descending=True).values
+    assert torch.allclose(st["margin"], sorted_p[:, 0] - sorted_p[:, 1], atol=1e-6)
+    assert torch.allclose(st["top1_logprob"].exp(), sorted_p[:, 0], atol=1e-6)
+
+
+def test_uniform_and_one_hot_limits():
+    v = 4096
+    st = token_stats(torch.zeros(3, v), torch.tensor([0, 5, v - 1]))
+    assert torch.allclose(st["entropy"], torch.full((3,), math.log(v)), atol=1e-5)
+    assert torch.allclose(st["varentropy"], torch.zeros(3), atol=1e-5)
+    assert torch.allclose(st["logprob"], torch.full((3,), -math.log(v)), atol=1e-5)
+    one_hot = torch.full((2, v), float("-inf"))
+    one_hot[0, 7] = 0.0
+    one_hot[1, 9] = 3.0
+    st = token_stats(one_hot, torch.tensor([7, 9]))
+    assert torch.equal(st["entropy"], torch.zeros(2)) and torch.equal(
+        st["varentropy"], torch.zeros(2)
+    )
+    assert torch.equal(st["logprob"], torch.zeros(2)) and torch.equal(
+        st["rank"], torch.ones(2, dtype=torch.long)
+    )
+    # a very peaked but finite distribution: numerically one-hot
+    peaked = torch.zeros(1, v)
+    peaked[0, 3] = 1e4
+    st = token_stats(peaked, torch.tensor([3]))
+    assert float(st["entropy"][0]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_statistics_are_float32_whatever_the_input_dtype():
+    logits = torch.randn(8, 300) * 2
+    st32 = token_stats(logits, torch.arange(8))
+    st16 = token_stats(logits.bfloat16(), torch.arange(8))
+    assert st16["entropy"].dtype == torch.float32
+    ref = torch.distributions.Categorical(logits=logits.bfloat16().float()).entropy()
+    assert torch.allclose(st16["entropy"], ref, atol=1e-5) and not torch.equal(
+        st16["entropy"], st32["entropy"]
+    )
+
+
+def hf_llh(model, ids, n_prompt):
+    """Log-likelihood of ids[n_prompt:] from the model's own `labels=` cross-entropy loss."""
+    x = torch.tensor([ids])
+    labels = x.clone()
+    labels[0, :n_prompt] = -100
+    with torch.no_grad():
+        loss = model(input_ids=x, labels=labels).loss
+    return -float(loss) * (len(ids) - n_prompt)
+
+
+def test_llh_matches_the_models_own_loss(lm):
+    model, tok = lm
+    tokens, seqs = score_items(model, tok, ITEMS, ScoreOptions(**QUIET))
+    for it in ITEMS:
+        if not it.completion:
+            continue
+        p = tok(it.prompt, add_special_tokens=False)["input_ids"]
+        c = tok(it.completion, add_special_tokens=False)["input_ids"]
+        row = seqs.filter(pl.col("id") == it.id).row(0, named=True)
+        assert row["n_tokens"] == len(c) and row["n_prompt_tokens"] == len(p)
+        assert row["llh_sum"] == pytest.approx(hf_llh(model, p + c, len(p)), abs=1e-3)
+        assert row["llh_mean"] == pytest.approx(row["llh_sum"] / len(c))
+        assert row["perplexity"] == pytest.approx(math.exp(-row["llh_mean"]))
+        mine = tokens.filter(pl.col("id") == it.id)
+        assert mine["position"].to_list() == list(range(1, len(c) + 1))
+        assert mine["token_id"].to_list() == c  # prompt tokens never scored
+        assert row["entropy_mean"] == pytest.approx(mine["entropy"].mean())
+        assert row["entropy_max"] == pytest.approx(mine["entropy"].max())
+    assert tokens["entropy"].std() > 0.1  # the sharpened model is far from uniform
+
+
+def test_per_token_values_match_full_logits(lm):
+    model, tok = lm
+    it = ITEMS[0]
+    tokens, _ = score_items(model, tok, [it], ScoreOptions(**QUIET))
+    p = tok(it.prompt, add_special_tokens=False)["input_ids"]
+    c = tok(it.completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+    dist = torch.distributions.Categorical(logits=logits)
+    assert torch.allclose(
+        torch.tensor(tokens["entropy"].to_numpy()), dist.entropy().double(), atol=1e-5
+    )
+    assert torch.allclose(
+        torch.tensor(tokens["logprob"].to_numpy()),
+        dist.log_prob(torch.tensor(c)).double(),
+        atol=1e-5,
+    )
+    assert tokens["top1_id"].to_list() == logits.argmax(-1).tolist()
+    assert tokens["token"].to_list() == [tok.decode([t]) for t in c]
+
+
+def test_independent_of_batching_and_order(lm):
+    model, tok = lm
+    together, seq_a = score_items(model, tok, ITEMS, ScoreOptions(token_budget=4096, **QUIET))
+    singles = [
+        score_items(model, tok, [it], ScoreOptions(token_budget=16, max_batch=1, **QUIET))
+        for it in ITEMS
+    ]
+    one_by_one = pl.concat([t for t, _ in singles])
+    reordered, seq_r = score_items(model, tok, ITEMS[::-1], ScoreOptions(token_budget=64, **QUIET))
+    key = ["id", "position"]
+    for other in (one_by_one, reordered):
+        a, b = together.sort(key), other.sort(key)
+        assert a.select(key + ["token_id", "rank", "top1_id"]).equals(
+            b.select(key + ["token_id", "rank", "top1_id"])
+        )
+        for col in ("logprob", "entropy", "varentropy", "margin", "top1_prob"):
+            assert (a[col] - b[col]).abs().max() <= 1e-5, col
+    assert seq_a["id"].to_list() == [it.id for it in ITEMS]  # input order kept
+    assert seq_r["id"].to_list() == [it.id for it in ITEMS[::-1]]
+
+
+def test_empty_completion_is_a_row_with_null_statistics(lm):
+    model, tok = lm
+    _, seqs = score_items(model, tok, ITEMS, ScoreOptions(**QUIET))
+    d = seqs.filter(pl.col("id") == "d").row(0, named=True)
+    assert (
+        d["n_tokens"] == 0
+        and d["llh_sum"] is None
+        and d["perplexity"] is None
+        and d["entropy_mean"] is None
+    )
+    _, only = score_items(model, tok, [ITEMS[3]], ScoreOptions(**QUIET))
+    assert only.height == 1 and only["n_tokens"].to_list() == [0]
+
+
+def test_scope_all_scores_every_token_after_the_first(lm):
+    model, tok = lm
+    it = ITEMS[2]
+    tokens, seqs = score_items(model, tok, [it], ScoreOptions(scope="all", **QUIET))
+    ids = (
+        tok(it.prompt, add_special_tokens=False)["input_ids"]
+        + tok(it.completion, add_special_tokens=False)["input_ids"]
+    )
+    assert tokens.height == len(ids) - 1 and tokens["token_id"].to_list() == ids[1:]
+    assert seqs["llh_sum"][0] == pytest.approx(hf_llh(model, ids, 1), abs=1e-3)
+    n_prompt = len(tok(it.prompt, add_special_tokens=False)["input_ids"])
+    assert tokens["is_prompt"].sum() == n_prompt - 1
+
+
+def test_joint_boundary_splits_at_the_prompts_last_character(lm):
+    model, tok = lm
+    it = TextItem("j", "The answer is 2", "8.")  # "2" and "8" may merge across the boundary
+    tokens, seqs = score_items(model, tok, [it], ScoreOptions(boundary="joint", **QUIET))
+    joint = tok(it.prompt + it.completion, add_special_tokens=False, return_offsets_mapping=True)
+    n_prompt = seqs["n_prompt_tokens"][0]
+    assert (
+        joint["offset_mapping"][n_prompt - 1][1]
+        <= len(it.prompt)
+        < joint["offset_mapping"][n_prompt][1]
+    )
+    assert tokens["token_id"].to_list() == joint["input_ids"][n_prompt:]
+    assert seqs["llh_sum"][0] == pytest.approx(
+        hf_llh(model, joint["input_ids"], n_prompt), abs=1e-3
+    )
+
+
+def test_exact_completion_ids_are_used_as_given(lm):
+    model, tok = lm
+    ids = tok(" apple", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    tokens, seqs = score_items(
+        model,
+        tok,
+        [TextItem("g", "Repeat this word: apple.", completion_ids=ids)],
+        ScoreOptions(**QUIET),
+    )
+    assert tokens["token_id"].to_list() == ids and seqs["n_tokens"][0] == len(ids)
+
+
+def test_too_long_texts_follow_the_truncation_policy(lm):
+    model, tok = lm
+    it = ITEMS[2]
+    n_p = len(tok(it.prompt, add_special_tokens=False)["input_ids"])
+    n_c = len(tok(it.completion, add_special_tokens=False)["input_ids"])
+    with pytest.raises(ScoreError, match=r"text 'c': \d+ tokens exceed the limit of 20"):
+        score_items(model, tok, [it], ScoreOptions(max_length=20, **QUIET))
+    _, left = score_items(
+        model, tok, [it], ScoreOptions(max_length=n_c + 5, truncation="left", **QUIET)
+    )
+    assert left["truncated"][0] and left["n_tokens"][0] == n_c and left["n_prompt_tokens"][0] == 5
+    _, right = score_items(
+        model, tok, [it], ScoreOptions(max_length=n_p + 3, truncation="right", **QUIET)
+    )
+    assert right["truncated"][0] and right["n_tokens"][0] == 3
+    _, fine = score_items(model, tok, [it], ScoreOptions(**QUIET))
+    assert not fine["truncated"][0]
+
+
+def test_mismatched_tokenizer_and_nan_logits_are_clear_errors(lm, tmp_path):
+    model, tok = lm
+    tok2 = AutoTokenizer.from_pretrained(tok.name_or_path)
+    tok2.add_tokens([f"<extra{i}>" for i in range(5)])
+    with pytest.raises(
+        ScoreError, match=r"demo/base: the tokenizer has \d+ tokens but the model's vocabulary has"
+    ):
+        score_items(model, tok2, ITEMS[:1], ScoreOptions(**QUIET), where="demo/base")
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
+    try:
+        with pytest.raises(
+            ScoreError,
+            match=r"demo/base: non-finite \(NaN or \+inf\) logits while scoring text '(a|c|e|b)'",
+        ):
+            score_items(model, tok, ITEMS, ScoreOptions(**QUIET), where="demo/base")
+    finally:
+        hook.remove()
+
+
+def test_batches_respect_the_token_budget():
+    lengths = [5, 50, 20, 20, 3, 49, 7]
+    plan = batches(lengths, token_budget=100, max_batch=3)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    for b in plan:
+        assert len(b) * max(lengths[i] for i in b) <= 100 and len(b) <= 3
+    assert plan[0][0] == 1  # longest first
