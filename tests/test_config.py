@@ -128,3 +128,15 @@ def test_config_hash_ignores_key_order_but_not_values():
     c = minimal()
     c["datasets"]["d"]["num_samples"] = 5
     assert config_hash(a) != config_hash(c)
+
+
+def test_score_names_must_be_defined():
+    msg = error_of(minimal(score={"textsets": ["d", "gsm8k"], "models": ["m", "qwen"]}))
+    assert (
+        "score.textsets[1]: dataset 'gsm8k' is not defined under datasets; defined datasets are: d"
+        in msg
+    )
+    assert "score.models[1]: model 'qwen' is not defined under models; defined models are: m" in msg
+    cfg = validate(minimal(score={"textsets": ["d"]}))
+    assert cfg["score"]["scope"] == "completion" and cfg["score"]["token_budget"] == 2048
+    assert "score.scope: 'some' is not one of" in error_of(minimal(score={"scope": "some"}))

@@ -15,7 +15,8 @@ How it stays fast and bounded: requests are sorted by length, longest first (an 
 up in the first batch), and batched by a padded-token budget rather than a fixed count; the model's
 body runs once per batch, and the output head plus the statistics run only on the scored positions,
 in chunks of at most `chunk_elements` logits, in float32 whatever the model dtype. Everything is
-vectorized; there is no Python loop over tokens or the vocabulary.
+vectorized; there is no Python loop over tokens or the vocabulary. `compile=True` runs the model
+body through `torch.compile` (worth it for large jobs: the first batch pays about a minute).
 
 Tokenization boundary: the prompt and the completion are encoded separately and concatenated
 (`boundary="separate"`, the default), as LlamaFactory builds training examples and as a generator
@@ -64,6 +65,7 @@ class ScoreOptions:
     max_length: int | None = None  # default: the model's max_position_embeddings
     truncation: str = "error"  # too long: "error", "left" (drop the prompt's start) or "right" (cut the completion's end)
     append_eos: bool = False  # score the end-of-sequence token after each completion
+    compile: bool = False  # torch.compile the model body: ~25% faster on CPU after a ~1 min compile
     progress: bool = True
 
 
@@ -237,6 +239,8 @@ def score_items(
     max_length = opts.max_length or getattr(model.config, "max_position_embeddings", None) or 2**31
     enc = encode(items, tokenizer, opts, max_length)
     body, head, softcap = _head(model)
+    if opts.compile:
+        body = torch.compile(body, dynamic=True)
     device = head.weight.device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
@@ -272,8 +276,10 @@ def score_items(
                 continue
             b = torch.tensor(b_idx)
             pos = torch.tensor(p_idx)
+            # no padding in this batch: no mask, so attention can take its causal fast path
+            attn = None if bool(mask.all()) else mask.to(device)
             hidden = body(
-                input_ids=ids.to(device), attention_mask=mask.to(device)
+                input_ids=ids.to(device), attention_mask=attn, use_cache=False
             ).last_hidden_state
             h = hidden[b.to(device), pos.to(device)]
             targets = ids[b, pos + 1].to(device)

@@ -98,7 +98,7 @@ def aggregate_scores(jobs: list[ScoreJob], out: dict[str, str | Path], sample_pr
                 hist_rows.append({"model": j.model, "ckpt": j.ckpt, "ckpt_order": j.ckpt_order, "textset": j.textset,
                                   "bin_start": edges[b], "bin_end": edges[b + 1], "count": c,
                                   "density": c / total / (edges[b + 1] - edges[b])})  # fmt: skip
-        sample_ids = s.filter(pl.col("n_tokens") > 0)["id"].head(sample_prompts)
+        sample_ids = s.filter(pl.col("n_tokens") > 0)["id"].head(sample_prompts).to_list()
         steps.append(
             t.filter(pl.col("id").is_in(sample_ids))
             .select("id", "position", "token", "entropy", "logprob")

@@ -148,6 +148,7 @@ SCORE_OPTIONS = {
         "max_length",
         "truncation",
         "token_budget",
+        "compile",
     )
 }
 SCORE_JOBS = [
