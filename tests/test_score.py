@@ -267,3 +267,16 @@ def test_batches_respect_the_token_budget():
     for b in plan:
         assert len(b) * max(lengths[i] for i in b) <= 100 and len(b) <= 3
     assert plan[0][0] == 1  # longest first
+
+
+def test_tokenizer_without_pad_token_scores_the_same(lm):
+    # padding positions are masked out, so the pad id never matters: no pad token is needed
+    model, tok = lm
+    nopad = AutoTokenizer.from_pretrained(tok.name_or_path)
+    nopad.pad_token = None
+    assert nopad.pad_token_id is None
+    _, a = score_items(model, tok, ITEMS, ScoreOptions(**QUIET))
+    _, b = score_items(model, nopad, ITEMS, ScoreOptions(**QUIET))
+    assert a["n_tokens"].to_list() == b["n_tokens"].to_list()
+    for col in ("llh_sum", "entropy_mean", "perplexity"):
+        assert (a[col] - b[col]).abs().max() <= 1e-6, col
