@@ -12,6 +12,7 @@ include: "workflow/rules/envs.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/score.smk"
+include: "workflow/rules/training.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -29,7 +29,12 @@ def error_of(cfg) -> str:
 def test_demo_config_is_valid():
     cfg = validate(DEMO)
     assert cfg["models"]["tiny-init"]["checkpoints"] == {"base": None}
-    assert set(cfg["datasets"]) == {"demo-pool", "demo-eval", "demo-control"}
+    assert set(cfg["datasets"]) == {"demo-pool", "demo-eval", "demo-control", "demo-pretrain"}
+    assert cfg["models"]["tiny"]["checkpoints"] == {
+        "step-50": None,
+        "step-100": None,
+        "final": None,
+    }
 
 
 def test_defaults_filled_and_shorthands_normalized():
@@ -77,7 +82,10 @@ def test_missing_required_keys():
         {"models": {"m": {"source": "a/b"}}}
     )
     msg = error_of(minimal(models={"m": {"checkpoints": ["base"]}}))
-    assert "models.m: 'source' is a required property" in msg
+    assert (
+        "models.m: give exactly one of `source` (a directory or hub id) or `run` (a training run)"
+        in msg
+    )
 
 
 def test_bad_names_and_checkpoint_forms():
@@ -140,3 +148,49 @@ def test_score_names_must_be_defined():
     cfg = validate(minimal(score={"textsets": ["d"]}))
     assert cfg["score"]["scope"] == "completion" and cfg["score"]["token_budget"] == 2048
     assert "score.scope: 'some' is not one of" in error_of(minimal(score={"scope": "some"}))
+
+
+def run_config(**run):
+    spec = {
+        "base": "m",
+        "data": "d",
+        "llamafactory": {"stage": "sft", "save_steps": 10, "max_steps": 30},
+        **run,
+    }
+    return minimal(
+        models={"m": {"source": "a/b"}, "ft": {"run": "r", "checkpoints": ["step-10", "final"]}},
+        training={"r": spec},
+    )
+
+
+def test_training_runs_are_checked():
+    cfg = validate(run_config())
+    assert cfg["training"]["r"]["select"] == {"keep": "all", "n": None, "by": "llh_mean", "seed": 0}
+    assert "training.r.base: model 'qwen' is not defined under models" in error_of(
+        run_config(base="qwen")
+    )
+    assert (
+        "training.r.data: dataset 'pool' is not defined under datasets; defined datasets are: d"
+        in error_of(run_config(data="pool"))
+    )
+    assert "training.r.select: keep high needs n" in error_of(run_config(select={"keep": "high"}))
+    assert "training.r.llamafactory.stage: 'dpo' is not one of ['pt', 'sft']" in error_of(
+        run_config(llamafactory={"stage": "dpo"})
+    )
+    cfg = run_config()
+    cfg["models"]["ft"]["checkpoints"] = ["step-15", "step-40", "last"]
+    msg = error_of(cfg)
+    assert (
+        "run 'r' saves every 10 steps up to 30, so it has no step-15" in msg
+        and "so it has no step-40" in msg
+    )
+    assert "'last' is not a checkpoint of a run; use step-<N> or final" in msg
+    cfg = run_config()
+    cfg["models"]["ft"]["run"] = "other"
+    assert (
+        "models.ft.run: training run 'other' is not defined under training; defined runs are: r"
+        in error_of(cfg)
+    )
+    cfg = run_config()
+    cfg["models"]["ft"]["source"] = "x/y"
+    assert "models.ft: give exactly one of `source`" in error_of(cfg)

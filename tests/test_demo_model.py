@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +68,36 @@ def test_head_size_16_is_refused(tiny_model_dir, tmp_path):
             demo.TinyModelSpec(hidden_size=64, num_attention_heads=4),
             0,
         )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZE = """
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+print(json.dumps(tok(json.loads(sys.argv[2]), add_special_tokens=False)["input_ids"]))
+"""
+
+
+@pytest.mark.parametrize("env", ["train", "gen"])
+def test_every_environment_tokenizes_alike(tiny_model_dir, env):
+    # transformers versions differ between environments (LlamaFactory's, vLLM's, ours); the demo
+    # tokenizer must split text the same way in each, or training and scoring see different tokens
+    python = ROOT / ".venvs" / env / "bin" / "python"
+    if not python.exists():
+        pytest.skip(f"the {env} environment is not built (bash envs/setup.sh {env})")
+    texts = [
+        "Step 1: 7 packs of 4 apples: 7 * 4 = 28.",
+        "It's 1,234 km; don't stop!\n\n  x",
+        synth.chatml("sys", "Hi 12", "<think>\n</think>\nThe answer is \\boxed{5}."),
+    ]
+    ids = subprocess.run(
+        [str(python), "-c", TOKENIZE, str(tiny_model_dir), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    mine = AutoTokenizer.from_pretrained(tiny_model_dir)(texts, add_special_tokens=False)[
+        "input_ids"
+    ]
+    assert json.loads(ids.stdout.strip().splitlines()[-1]) == mine

@@ -132,19 +132,12 @@ def test_second_run_does_nothing(demo):
     assert "Nothing to be done" in r.stdout + r.stderr
 
 
-def test_quick_preset_reruns_only_datasets_and_report(demo):
+def test_quick_preset_reruns_from_the_datasets_down(demo):
     jobs = planned(demo, "--configfile", "config.yaml", str(ROOT / "resources/presets/quick.yaml"))
-    # the datasets change, so do their scores (2 text sets x 1 checkpoint) and every aggregate
-    assert jobs == Counter(
-        {
-            "prepare_dataset": 3,
-            "score": 2,
-            "aggregate_scores": 1,
-            "aggregate_overview": 1,
-            "report": 1,
-            "all": 1,
-        }
-    )
+    # every dataset changes (10 rows), so selection, training, the run checkpoints' handles and every
+    # score follow; the demo's data, tokenizer, initial model and the environments do not
+    assert jobs == Counter({"prepare_dataset": 4, "select_training_data": 4, "finetune": 4, "resolve_model": 12, "score": 26,
+                            "aggregate_scores": 1, "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "all": 1})  # fmt: skip
 
 
 def test_invalid_config_stops_with_one_message(scratch):
@@ -201,18 +194,42 @@ def test_missing_sources_are_named(scratch):
     assert not (scratch / "results/models/other/base.json").exists()
 
 
-def test_adding_a_model_schedules_only_its_jobs(scratch):
+AGGREGATES = {"aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "all": 1}
+
+
+def test_adding_an_external_model_schedules_only_its_jobs(scratch):
     cfg = yaml.safe_load((scratch / "config.yaml").read_text())
     cfg["models"]["tiny-copy"] = {"source": "./results/demo/model-init", "checkpoints": ["base"]}
     write_config(scratch, cfg)
+    assert planned(scratch) == Counter({"resolve_model": 1, "score": 2, **AGGREGATES})
+
+
+def test_adding_a_saved_checkpoint_trains_nothing(scratch):
+    cfg = yaml.safe_load((scratch / "config.yaml").read_text())
+    cfg["models"]["tiny-high"]["checkpoints"].append("step-30")  # saved, not analysed so far
+    write_config(scratch, cfg)
     assert planned(scratch) == Counter(
+        {"resolve_model": 1, "score": 2, "aggregate_training": 1, **AGGREGATES}
+    )
+
+
+def test_adding_a_run_schedules_only_that_run(scratch):
+    cfg = yaml.safe_load((scratch / "config.yaml").read_text())
+    cfg["training"]["sft-random2"] = {
+        **cfg["training"]["sft-random"],
+        "select": {"keep": "random", "n": 32, "seed": 1},
+    }
+    cfg["models"]["tiny-random2"] = {"run": "sft-random2", "checkpoints": ["step-10", "final"]}
+    write_config(scratch, cfg)
+    jobs = planned(scratch)
+    assert jobs == Counter(
         {
-            "resolve_model": 1,
-            "score": 2,
-            "aggregate_scores": 1,
-            "aggregate_overview": 1,
-            "report": 1,
-            "all": 1,
+            "select_training_data": 1,
+            "finetune": 1,
+            "resolve_model": 2,
+            "score": 4,
+            "aggregate_training": 1,
+            **AGGREGATES,
         }
     )
 
@@ -267,8 +284,14 @@ def test_job_stats_parser_sees_every_job(demo):
     # guard for `planned`: a forced full re-run lists every rule of the demo
     jobs = planned(demo, "-F")
     assert set(jobs) == {"all", "build_demo_data", "build_demo_tokenizer", "build_demo_model", "describe_env",
-                         "resolve_model", "prepare_dataset", "aggregate_overview", "report", "score", "aggregate_scores"}  # fmt: skip
-    assert jobs["describe_env"] == 3 and jobs["prepare_dataset"] == 3 and jobs["score"] == 2
+                         "resolve_model", "prepare_dataset", "aggregate_overview", "report", "score", "aggregate_scores",
+                         "select_training_data", "finetune", "aggregate_training"}  # fmt: skip
+    assert (
+        jobs["describe_env"] == 3
+        and jobs["prepare_dataset"] == 4
+        and jobs["score"] == 26
+        and jobs["finetune"] == 4
+    )
 
 
 def test_scores_match_the_models_own_loss(demo):
@@ -302,3 +325,46 @@ def test_scores_match_the_models_own_loss(demo):
     assert sorted(by_type["type"]) == ["(none)", "canonical", "paraphrase", "terse", "wrong"]
     doc = (demo / "results/report.html").read_text()
     assert "Token entropy and log-likelihood" in doc and "Highest- and lowest-entropy tokens" in doc
+
+
+def test_training_runs_learn_and_checkpoints_load(demo):
+    from reasonlab.models import load_model, read_handle
+
+    loss = pl.read_parquet(demo / "results/aggregate/training_loss.parquet")
+    pt = loss.filter(pl.col("run") == "tiny-pt").sort("step")
+    assert pt["loss"][-1] < 0.5 * pt["loss"][0]  # pre-training visibly learns
+    ck = pl.read_parquet(demo / "results/aggregate/score_checkpoints.parquet").filter(
+        pl.col("textset") == "demo-eval"
+    )
+    llh = {(r["model"], r["ckpt"]): r["llh_mean"] for r in ck.iter_rows(named=True)}
+    # the held-out eval solutions get likelier as pre-training goes on
+    assert (
+        llh[("tiny-init", "base")]
+        < llh[("tiny", "step-50")]
+        < llh[("tiny", "step-100")]
+        <= llh[("tiny", "final")] + 0.05
+    )
+    steps = pl.read_parquet(demo / "results/aggregate/training_checkpoints.parquet")
+    assert dict(
+        zip(
+            steps.filter(pl.col("model") == "tiny-high")["ckpt"],
+            steps.filter(pl.col("model") == "tiny-high")["step"],
+            strict=True,
+        )
+    ) == {"step-10": 10, "step-20": 20, "final": 30}
+    h = read_handle(demo / "results/models/tiny-high/step-10.json")
+    assert h.path.endswith("results/training/sft-high/output/checkpoint-10") and not h.is_adapter
+    model, tok = load_model(demo / "results/models/tiny-high/step-10.json")
+    assert model.config.vocab_size == len(tok)
+    sel = pl.read_parquet(demo / "results/training/sft-high/selection.parquet")
+    picked, rest = sel.filter(pl.col("selected")), sel.filter(~pl.col("selected"))
+    assert (
+        picked.height == 64 and picked["score"].min() >= rest["score"].max()
+    )  # the 64 likeliest rows
+    low = pl.read_parquet(demo / "results/training/sft-low/selection.parquet").filter(
+        pl.col("selected")
+    )
+    assert low["score"].max() <= picked["score"].min()
+    train = json.loads((demo / "results/training/sft-high/data/train.json").read_text())
+    assert len(train) == 64 and {r["instruction"] for r in train} == set(picked["question"])
+    assert "Training runs and dynamics" in (demo / "results/report.html").read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,13 @@ def _check_schema(config: dict, schema: dict) -> None:
 
 
 def _normalize(config: dict) -> None:
-    for spec in config["models"].values():
+    for name, spec in config["models"].items():
+        if ("source" in spec) == ("run" in spec):
+            raise ConfigError(
+                f"invalid config:\n  models.{name}: give exactly one of `source` (a directory or hub id) or `run` (a training run)"
+            )
+        if "run" in spec and "checkpoints" not in spec:
+            spec["checkpoints"] = ["final"]
         ckpts = spec.get("checkpoints")
         if ckpts is None:
             spec["checkpoints"] = {"base": None}
@@ -130,6 +137,53 @@ def _check_references(config: dict) -> None:
                 f"models.{base_model}.checkpoints ({', '.join(models[base_model]['checkpoints'])})"
             )
     datasets = config["datasets"]
+    runs = config["training"]
+    for name, spec in models.items():
+        if "run" not in spec:
+            continue
+        run = spec["run"]
+        if run not in runs:
+            problems.append(f"models.{name}.run: training run {run!r} is not defined under training"
+                            + (f"; defined runs are: {', '.join(sorted(runs))}" if runs else ""))  # fmt: skip
+            continue
+        lf = runs[run].get("llamafactory", {})
+        every, last = lf.get("save_steps", 100), lf.get("max_steps")
+        for ckpt, value in spec["checkpoints"].items():
+            m = re.match(r"^step-(\d+)$", ckpt)
+            if value is not None:
+                problems.append(
+                    f"models.{name}.checkpoints.{ckpt}: a run's checkpoints are names only (step-<N> or final)"
+                )
+            elif ckpt != "final" and not m:
+                problems.append(
+                    f"models.{name}.checkpoints: {ckpt!r} is not a checkpoint of a run; use step-<N> or final"
+                )
+            elif m and (int(m.group(1)) % every or (last and int(m.group(1)) > last)):
+                problems.append(
+                    f"models.{name}.checkpoints: run {run!r} saves every {every} steps"
+                    + (f" up to {last}" if last else "")
+                    + f", so it has no {ckpt}"
+                )
+    for run, spec in runs.items():
+        base_model, _, base_ckpt = spec["base"].partition("/")
+        if base_model not in models:
+            problems.append(
+                f"training.{run}.base: model {base_model!r} is not defined under models; defined models are: {', '.join(sorted(models))}"
+            )
+        elif base_ckpt and base_ckpt not in models[base_model]["checkpoints"]:
+            problems.append(
+                f"training.{run}.base: checkpoint {base_ckpt!r} is not listed under models.{base_model}.checkpoints"
+            )
+        elif models[base_model].get("run") == run:
+            problems.append(f"training.{run}.base: a run cannot start from its own checkpoints")
+        if spec["data"] not in datasets:
+            problems.append(
+                f"training.{run}.data: dataset {spec['data']!r} is not defined under datasets; defined datasets are: {', '.join(sorted(datasets))}"
+            )
+        if spec["select"]["keep"] in ("high", "low") and not spec["select"].get("n"):
+            problems.append(
+                f"training.{run}.select: keep {spec['select']['keep']} needs n (how many rows)"
+            )
     for i, name in enumerate(config["score"]["textsets"]):
         if name not in datasets:
             problems.append(

@@ -94,8 +94,8 @@ def hash_directory(path: str | Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = f.relative_to(root).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue
+        if rel.startswith((".", "checkpoint-")) or "/." in rel:
+            continue  # hidden files, and a training run's intermediate checkpoints beside its final model
         size = f.stat().st_size
         h.update(f"{rel}\0{size}\0".encode())
         with f.open("rb") as fh:
@@ -157,9 +157,17 @@ def resolve(model: str, ckpt: str, spec: dict, base: Handle | None = None) -> Ha
     revision. `base` is the base model's handle when the entry is a LoRA adapter (`base:` set).
     """
     where = f"models.{model}.checkpoints.{ckpt}"
+    hub_id = revision = commit = None
+    if "run" in spec:  # a training run's checkpoint: step-N or final in the run's output directory
+        from reasonlab.training import TrainingError, checkpoint_dir
+
+        try:
+            directory = checkpoint_dir(spec["run_output"], ckpt)
+        except TrainingError as e:
+            raise ModelError(f"{where}: {e}") from None
+        return _handle(model, ckpt, spec, "local", directory, None, None, None, base)
     source = spec["source"]
     value = spec["checkpoints"][ckpt]
-    hub_id = revision = commit = None
     local = local_path(spec, ckpt)
     if local is not None:
         if value is not None and not looks_like_path(value):
@@ -172,6 +180,11 @@ def resolve(model: str, ckpt: str, spec: dict, base: Handle | None = None) -> Ha
         kind, hub_id, revision = "hub", source.removeprefix("hub:"), value
         directory, commit = _hub_snapshot(hub_id, revision, spec.get("download", False), where)
 
+    return _handle(model, ckpt, spec, kind, directory, hub_id, revision, commit, base)
+
+
+def _handle(model, ckpt, spec, kind, directory, hub_id, revision, commit, base) -> Handle:
+    where = f"models.{model}.checkpoints.{ckpt}"
     if kind == "local" and not directory.is_dir():
         raise ModelError(
             f"{where}: model directory {str(directory)!r} does not exist (from models.{model}.source "
@@ -190,7 +203,11 @@ def resolve(model: str, ckpt: str, spec: dict, base: Handle | None = None) -> Ha
             f"models.{model}.base: <model> or <model>/<ckpt>"
         )
     content = f"git:{commit}" if kind == "hub" else hash_directory(directory)
-    ref = base
+    # an adapter has the architecture and shape of its base model
+    shape = cfg if not is_adapter else {
+        "architectures": [base.architecture], "model_type": base.model_type, "hidden_size": base.hidden_size,
+        "num_hidden_layers": base.num_hidden_layers, "vocab_size": base.vocab_size,
+    }  # fmt: skip
     return Handle(
         model=model,
         ckpt=ckpt,
@@ -203,18 +220,12 @@ def resolve(model: str, ckpt: str, spec: dict, base: Handle | None = None) -> Ha
         tokenizer=spec.get("tokenizer"),
         dtype=spec.get("dtype", "auto"),
         is_adapter=is_adapter,
-        base=json.loads(ref.to_json()) if ref else None,
-        architecture=(cfg.get("architectures") or [None])[0]
-        if not is_adapter
-        else (ref.architecture if ref else None),
-        model_type=cfg.get("model_type") if not is_adapter else (ref.model_type if ref else None),
-        num_hidden_layers=cfg.get("num_hidden_layers")
-        if not is_adapter
-        else (ref.num_hidden_layers if ref else None),
-        hidden_size=cfg.get("hidden_size")
-        if not is_adapter
-        else (ref.hidden_size if ref else None),
-        vocab_size=cfg.get("vocab_size") if not is_adapter else (ref.vocab_size if ref else None),
+        base=json.loads(base.to_json()) if is_adapter else None,
+        architecture=(shape.get("architectures") or [None])[0],
+        model_type=shape.get("model_type"),
+        num_hidden_layers=shape.get("num_hidden_layers"),
+        hidden_size=shape.get("hidden_size"),
+        vocab_size=shape.get("vocab_size"),
     )
 
 

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+FOLD_ROWS = 25
 Block = Any  # an Altair chart, an `Html` snippet, a polars DataFrame (shown as a table) or a str (a paragraph)
 
 
@@ -67,7 +68,10 @@ def table_html(df, max_rows: int = 200, caption: str | None = None) -> str:
         else ""
     )
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    return f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>{note}'
+    table = f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>{note}'
+    if df.height > FOLD_ROWS:  # long tables start folded
+        return f"<details><summary>{df.height} rows</summary>{table}</details>"
+    return table
 
 
 def _render_block(block: Block, charts: list[dict]) -> str:
@@ -114,6 +118,8 @@ def render(sections: list[tuple[Section, list[Block]]], title: str, subtitle: st
     """The whole report as one HTML string."""
     import altair as alt
 
+    # sections hand over aggregated tables, and the report must hold its data inline: no row cap
+    alt.data_transformers.disable_max_rows()
     charts: list[dict] = []
     nav, parts = [], []
     for sec, blocks in sections:

@@ -60,11 +60,24 @@ def get_env_conda(wildcards):
     return conda_env(wildcards.env)
 
 
-def get_env_python(wildcards):
-    """The Python of the job's environment: the venv's, or under --use-conda the activated env's."""
+def env_python(name):
+    """The Python of a tool environment: the venv's, or under --use-conda the activated env's."""
     if using_conda():
         return "python"
-    return str(env_dir(wildcards.env) / "bin" / "python")
+    python = env_dir(name) / "bin" / "python"
+    if not python.exists():
+        raise WorkflowError(
+            f"environment {name!r} is not set up at {env_dir(name)}: run `bash envs/setup.sh {name}`"
+        )
+    return str(python)
+
+
+def get_env_python(wildcards):
+    return env_python(wildcards.env)
+
+
+def get_train_python(wildcards):
+    return env_python("train")
 
 
 def get_env_stamp(wildcards):
@@ -93,25 +106,35 @@ def all_handles():
     ]
 
 
-def _base_of(model):
-    """(base model, base ckpt) of a LoRA adapter entry, or None."""
-    base = MODELS[model].get("base")
-    if not base:
-        return None
-    m, _, c = base.partition("/")
+def split_ref(ref):
+    """'<model>' or '<model>/<ckpt>' -> (model, ckpt), the model's first checkpoint by default."""
+    m, _, c = ref.partition("/")
     return m, c or model_checkpoints(m)[0]
+
+
+def _base_of(model):
+    """(base model, base ckpt) of a LoRA adapter entry or of a run's model, or None."""
+    spec = MODELS[model]
+    if "run" in spec:
+        return split_ref(TRAINING[spec["run"]]["base"])
+    return split_ref(spec["base"]) if spec.get("base") else None
 
 
 def get_model_spec(wildcards):
     """The model's config entry with only this checkpoint, so adding a checkpoint re-runs nothing else."""
     spec = dict(MODELS[wildcards.model])
     spec["checkpoints"] = {wildcards.ckpt: spec["checkpoints"][wildcards.ckpt]}
+    if "run" in spec:
+        spec["run_output"] = run_output(spec["run"])
     return spec
 
 
 def get_model_inputs(wildcards):
     """The weights directory when it is local (so the rule that builds it runs first), and the base handle."""
-    local = local_path(MODELS[wildcards.model], wildcards.ckpt)
+    spec = MODELS[wildcards.model]
+    local = (
+        run_output(spec["run"]) if "run" in spec else local_path(spec, wildcards.ckpt)
+    )
     inputs = {}
     if local is not None and (
         local.startswith("results/") or Path(local).expanduser().exists()
@@ -121,6 +144,56 @@ def get_model_inputs(wildcards):
     if base:
         inputs["base"] = "results/models/{}/{}.json".format(*base)
     return inputs
+
+
+# ---------------------------------------------------------------- training
+
+TRAINING = config["training"]
+
+
+def run_output(run):
+    return f"results/training/{run}/output"
+
+
+def run_handles():
+    """The handles of every analysed checkpoint of a training run."""
+    return [
+        f"results/models/{m}/{c}.json"
+        for m, spec in MODELS.items()
+        if "run" in spec
+        for c in model_checkpoints(m)
+    ]
+
+
+def get_run_base_handle(wildcards):
+    return "results/models/{}/{}.json".format(
+        *split_ref(TRAINING[wildcards.run]["base"])
+    )
+
+
+def get_selection_inputs(wildcards):
+    """The run's dataset, and its scores under the base model when rows are chosen by score."""
+    spec = TRAINING[wildcards.run]
+    inputs = {"data": f"results/data/{spec['data']}.parquet"}
+    if spec["select"]["keep"] in ("high", "low"):
+        m, c = split_ref(spec["base"])
+        inputs["scores"] = f"results/scores/{m}/{c}/{spec['data']}.sequences.parquet"
+    return inputs
+
+
+def get_run_settings(wildcards):
+    """The run's LlamaFactory settings as JSON (a run-scoped param: editing one run re-runs only it)."""
+    import json
+
+    return json.dumps(TRAINING[wildcards.run]["llamafactory"], sort_keys=True)
+
+
+def get_run_stage(wildcards):
+    return TRAINING[wildcards.run]["llamafactory"].get("stage", "sft")
+
+
+def get_run_select(wildcards):
+    return TRAINING[wildcards.run]["select"]
 
 
 # ---------------------------------------------------------------- datasets
