@@ -92,6 +92,7 @@ def test_report_content(demo):
         "demo-pool": 160,
         "demo-eval": 60,
         "demo-control": 30,
+        "demo-pretrain": 3030,
     }
 
 

@@ -149,6 +149,10 @@ def get_model_inputs(wildcards):
 # ---------------------------------------------------------------- training
 
 TRAINING = config["training"]
+# the defaults of every run (a shipped resource, so found beside the Snakefile)
+LLAMAFACTORY_TEMPLATE = str(
+    Path(workflow.basedir) / "resources" / "llamafactory" / "train.yaml"
+)
 
 
 def run_output(run):

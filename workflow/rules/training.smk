@@ -28,7 +28,7 @@ rule finetune:
         base=get_run_base_handle,
         data=rules.select_training_data.output.data,
         info=rules.select_training_data.output.info,
-        template="resources/llamafactory/train.yaml",
+        template=LLAMAFACTORY_TEMPLATE,
     output:
         model=directory("results/training/{run}/output"),
         yaml="results/training/{run}/train.yaml",
