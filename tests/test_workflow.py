@@ -135,10 +135,11 @@ def test_second_run_does_nothing(demo):
 
 def test_quick_preset_reruns_from_the_datasets_down(demo):
     jobs = planned(demo, "--configfile", "config.yaml", str(ROOT / "resources/presets/quick.yaml"))
-    # every dataset changes (10 rows), so selection, training, the run checkpoints' handles and every
-    # score follow; the demo's data, tokenizer, initial model and the environments do not
+    # every dataset changes (10 rows), so selection, training, the run checkpoints' handles, every
+    # score and generation follow; the demo's data, tokenizer, initial model and environments do not
     assert jobs == Counter({"prepare_dataset": 4, "select_training_data": 4, "finetune": 4, "resolve_model": 12, "score": 26,
-                            "aggregate_scores": 1, "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "all": 1})  # fmt: skip
+                            "generate": 3, "grade": 3, "aggregate_generations": 1, "aggregate_scores": 1,
+                            "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "all": 1})  # fmt: skip
 
 
 def test_invalid_config_stops_with_one_message(scratch):
@@ -286,7 +287,7 @@ def test_job_stats_parser_sees_every_job(demo):
     jobs = planned(demo, "-F")
     assert set(jobs) == {"all", "build_demo_data", "build_demo_tokenizer", "build_demo_model", "describe_env",
                          "resolve_model", "prepare_dataset", "aggregate_overview", "report", "score", "aggregate_scores",
-                         "select_training_data", "finetune", "aggregate_training"}  # fmt: skip
+                         "select_training_data", "finetune", "aggregate_training", "generate", "grade", "aggregate_generations"}  # fmt: skip
     assert (
         jobs["describe_env"] == 3
         and jobs["prepare_dataset"] == 4
@@ -369,3 +370,24 @@ def test_training_runs_learn_and_checkpoints_load(demo):
     train = json.loads((demo / "results/training/sft-high/data/train.json").read_text())
     assert len(train) == 64 and {r["instruction"] for r in train} == set(picked["question"])
     assert "Training runs and dynamics" in (demo / "results/report.html").read_text()
+
+
+def test_generations_are_graded(demo):
+    acc = pl.read_parquet(demo / "results/aggregate/gen_accuracy.parquet")
+    assert acc.select("model", "ckpt").rows() == [
+        ("tiny", "step-50"),
+        ("tiny", "step-100"),
+        ("tiny", "final"),
+    ]
+    assert (acc["n"] == 60).all() and (
+        (acc["ci_low"] <= acc["accuracy"]) & (acc["accuracy"] <= acc["ci_high"])
+    ).all()
+    g = pl.read_parquet(demo / "results/generations/tiny/final/demo-eval.parquet")
+    assert g["backend"].unique().to_list() == ["vllm"] and g.height == 60
+    # recompute correctness independently for rows whose answer is a plain integer
+    plain = g.filter(pl.col("answer").str.contains(r"^-?\d+$"))
+    assert plain.height > 0
+    assert (
+        plain["correct"] == (plain["answer"].cast(pl.Int64) == plain["reference"].cast(pl.Int64))
+    ).all()
+    assert "Generation and accuracy" in (demo / "results/report.html").read_text()

@@ -184,6 +184,16 @@ def _check_references(config: dict) -> None:
             problems.append(
                 f"training.{run}.select: keep {spec['select']['keep']} needs n (how many rows)"
             )
+    for i, name in enumerate(config["generation"]["datasets"]):
+        if name not in datasets:
+            problems.append(
+                f"generation.datasets[{i}]: dataset {name!r} is not defined under datasets; defined datasets are: {', '.join(sorted(datasets))}"
+            )
+    for i, name in enumerate(config["generation"]["models"] or []):
+        if name not in models:
+            problems.append(
+                f"generation.models[{i}]: model {name!r} is not defined under models; defined models are: {', '.join(sorted(models))}"
+            )
     for i, name in enumerate(config["score"]["textsets"]):
         if name not in datasets:
             problems.append(

@@ -137,3 +137,32 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# How each dataset format's answers are found and compared.
+FORMAT_RULES = {
+    "gsm8k": (("gsm8k", "boxed", "answer_is", "last_number"), "numeric"),
+    "math": (("boxed", "answer_is", "last_number"), "math"),
+}
+DEFAULT_RULES = (STRATEGIES, "math")
+
+
+def grade_table(raw, data, fmt: str, start: str | None = None, end: str | None = None):
+    """Generations (raw) joined with their dataset rows' references, with reasoning, answer, how it
+    was found, correct and a flag for answers that could not be judged."""
+    import polars as pl
+
+    strategies, mode = FORMAT_RULES.get(fmt, DEFAULT_RULES)
+    refs = dict(zip(data["id"], data["reference"], strict=True))
+    rows = []
+    for r in raw.select("id", "completion").iter_rows(named=True):
+        reasoning, rest = extract_reasoning(r["completion"], start, end)
+        answer, how = extract_answer(rest, strategies)
+        if answer is None and rest != r["completion"]:
+            answer, how = extract_answer(r["completion"], strategies)
+        correct, flag = grade(answer, refs.get(r["id"]), mode)
+        rows.append({"reasoning": reasoning, "answer": answer, "answer_strategy": how,
+                     "reference": refs.get(r["id"]), "correct": correct, "grade_flag": flag})  # fmt: skip
+    extra = pl.DataFrame(rows, schema={"reasoning": pl.String, "answer": pl.String, "answer_strategy": pl.String,
+                                       "reference": pl.String, "correct": pl.Boolean, "grade_flag": pl.String})  # fmt: skip
+    return pl.concat([raw, extra], how="horizontal")

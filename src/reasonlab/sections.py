@@ -1,3 +1,3 @@
 """Importing this module registers every report section (each lives beside the stage it reports on)."""
 
-from reasonlab import overview, score_summary, training  # noqa: F401
+from reasonlab import generation_summary, overview, score_summary, training  # noqa: F401

@@ -1,5 +1,6 @@
 # Helpers, config validation and wildcard constraints shared by every stage.
 # Parse time stays cheap: nothing here imports torch or reads a model.
+import json
 import sys
 from pathlib import Path
 
@@ -187,8 +188,6 @@ def get_selection_inputs(wildcards):
 
 def get_run_settings(wildcards):
     """The run's LlamaFactory settings as JSON (a run-scoped param: editing one run re-runs only it)."""
-    import json
-
     return json.dumps(TRAINING[wildcards.run]["llamafactory"], sort_keys=True)
 
 
@@ -211,6 +210,42 @@ def get_dataset_inputs(wildcards):
     """The source file when it is local, so that rules producing it (the demo) run first."""
     source = DATASETS[wildcards.dataset]["source"]
     return {"source": source} if is_local(source) else {}
+
+
+# ---------------------------------------------------------------- generation
+
+GENERATION = config["generation"]
+GEN_OPTIONS_JSON = json.dumps(
+    {
+        k: v
+        for k, v in GENERATION.items()
+        if k
+        not in ("datasets", "models", "reasoning_start", "reasoning_end", "threads")
+    },
+    sort_keys=True,
+)
+GEN_JOBS = [
+    (m, c, d)
+    for m in (GENERATION["models"] or list(MODELS))
+    for c in model_checkpoints(m)
+    for d in GENERATION["datasets"]
+]
+
+
+def get_gen_python(wildcards):
+    return env_python("gen")
+
+
+def get_dataset_format(wildcards):
+    return DATASETS[wildcards.dataset]["format"]
+
+
+def gen_outputs():
+    return [f"results/generations/{m}/{c}/{d}.parquet" for m, c, d in GEN_JOBS]
+
+
+def gen_job_list():
+    return [[m, c, model_checkpoints(m).index(c), d] for m, c, d in GEN_JOBS]
 
 
 # ---------------------------------------------------------------- scoring
