@@ -189,3 +189,19 @@ def test_lora_adapter_handle_and_loading(tiny_model_dir, lora_dir):
 def test_adapter_without_base_is_an_error(lora_dir):
     with pytest.raises(ModelError, match="holds a LoRA adapter; name the model it adapts"):
         resolve("tiny-lora", "base", entry(lora_dir))
+
+
+def test_relative_handle_paths_resolve_from_the_handles_working_directory(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    workdir = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, workdir / "weights")
+    monkeypatch.chdir(workdir)
+    h = resolve("tiny", "base", entry("weights"))
+    assert h.path == "weights"
+    write_handle(h, workdir / "results/models/tiny/base.json")
+    monkeypatch.chdir(tmp_path)  # a notebook elsewhere
+    back = read_handle(workdir / "results/models/tiny/base.json")
+    assert back.path == str(workdir / "weights")
+    model, _ = load_model(workdir / "results/models/tiny/base.json")
+    assert model.config.model_type == "qwen2"

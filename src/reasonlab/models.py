@@ -244,6 +244,16 @@ def read_handle(path: str | Path) -> Handle:
         raise ModelError(
             f"{path}: handle version {data.get('version')} is not {HANDLE_VERSION}; re-run resolve_model"
         )
+    # a relative weights path is relative to the working directory the handle was written in,
+    # <workdir>/results/models/<model>/<ckpt>.json: resolve it from there when read from elsewhere
+    parents = Path(path).resolve().parents
+    workdir = parents[3] if len(parents) > 3 else parents[-1]
+    for h in (data, data.get("base")):
+        relative = (
+            h and h.get("path") and not os.path.isabs(h["path"]) and not os.path.exists(h["path"])
+        )
+        if relative and (workdir / h["path"]).exists():
+            h["path"] = str(workdir / h["path"])
     return Handle(**data)
 
 
