@@ -191,6 +191,10 @@ def get_run_settings(wildcards):
     return json.dumps(TRAINING[wildcards.run]["llamafactory"], sort_keys=True)
 
 
+def get_run_threads(wildcards):
+    return TRAINING[wildcards.run]["threads"]
+
+
 def get_run_stage(wildcards):
     return TRAINING[wildcards.run]["llamafactory"].get("stage", "sft")
 

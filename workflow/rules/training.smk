@@ -38,7 +38,7 @@ rule finetune:
         "benchmarks/finetune/{run}.tsv"
     conda:
         conda_env("train")
-    threads: 2
+    threads: get_run_threads
     resources:
         mem_mb=8000,
         runtime=240,
