@@ -184,28 +184,15 @@ def _check_references(config: dict) -> None:
             problems.append(
                 f"training.{run}.select: keep {spec['select']['keep']} needs n (how many rows)"
             )
-    for i, name in enumerate(config["generation"]["datasets"]):
-        if name not in datasets:
-            problems.append(
-                f"generation.datasets[{i}]: dataset {name!r} is not defined under datasets; defined datasets are: {', '.join(sorted(datasets))}"
-            )
-    for i, name in enumerate(config["generation"]["models"] or []):
-        if name not in models:
-            problems.append(
-                f"generation.models[{i}]: model {name!r} is not defined under models; defined models are: {', '.join(sorted(models))}"
-            )
-    for i, name in enumerate(config["score"]["textsets"]):
-        if name not in datasets:
-            problems.append(
-                f"score.textsets[{i}]: dataset {name!r} is not defined under datasets; "
-                f"defined datasets are: {', '.join(sorted(datasets))}"
-            )
-    for i, name in enumerate(config["score"]["models"] or []):
-        if name not in models:
-            problems.append(
-                f"score.models[{i}]: model {name!r} is not defined under models; "
-                f"defined models are: {', '.join(sorted(models))}"
-            )
+    for key, kind, defined in (("generation.datasets", "dataset", datasets), ("generation.models", "model", models),
+                               ("score.textsets", "dataset", datasets), ("score.models", "model", models)):  # fmt: skip
+        section, field = key.split(".")
+        for i, name in enumerate(config[section][field] or []):
+            if name not in defined:
+                problems.append(
+                    f"{key}[{i}]: {kind} {name!r} is not defined under {kind}s; "
+                    f"defined {kind}s are: {', '.join(sorted(defined))}"
+                )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
