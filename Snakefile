@@ -20,3 +20,4 @@ include: "workflow/rules/report.smk"
 rule all:
     input:
         get_final_output(),
+    localrule: True

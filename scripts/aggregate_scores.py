@@ -11,7 +11,15 @@ with job_log(snakemake.log[0], "aggregate_scores"):
     ]
     outputs = {
         k: o[k]
-        for k in ("sequences", "checkpoints", "entropy_hist", "steps", "extremes", "by_type")
+        for k in (
+            "sequences",
+            "checkpoints",
+            "entropy_hist",
+            "steps",
+            "extremes",
+            "by_type",
+            "agreement",
+        )
     }
     if o.detailed:
         outputs["tokens"] = o.detailed

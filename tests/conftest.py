@@ -1,12 +1,12 @@
-"""Shared fixtures: a tiny demo tokenizer and model built once per test session."""
+"""Shared fixtures: a tiny demo tokenizer and model, and one finished demo run, built once per session."""
 
+import shutil
 from pathlib import Path
 
 import pytest
+from e2e import ROOT, snakemake
 
 from reasonlab import demo, synth
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +21,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         root / "tokenizer", root / "model", demo.TinyModelSpec(num_hidden_layers=2), seed=0
     )
     return root / "model"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """A finished demo run (results/report.html) in a temporary working directory."""
+    workdir = tmp_path_factory.mktemp("demo")
+    shutil.copy(ROOT / "config.yaml", workdir / "config.yaml")
+    snakemake(workdir, "results/report.html")
+    return workdir
+
+
+@pytest.fixture
+def scratch(demo_run, tmp_path):
+    """A working directory sharing the demo's built data (copied), for runs that change things."""
+    work = tmp_path / "w"
+    shutil.copytree(demo_run, work)  # with .snakemake: its metadata drives the re-run decisions
+    return work

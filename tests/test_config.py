@@ -150,6 +150,18 @@ def test_score_names_must_be_defined():
     assert "score.scope: 'some' is not one of" in error_of(minimal(score={"scope": "some"}))
 
 
+def test_generated_textsets_name_a_dataset_model_and_checkpoint():
+    ok = validate(minimal(score={"textsets": ["d@m@base", "d"]}))
+    assert ok["score"]["textsets"] == ["d@m@base", "d"] and ok["score"]["generations"] is True
+    for name, says in (
+        ("d@m", "'d@m' is neither a dataset name nor '<dataset>@<model>@<ckpt>'"),
+        ("x@m@base", "dataset 'x' of 'x@m@base' is not defined under datasets"),
+        ("d@q@base", "model 'q' of 'd@q@base' is not defined under models"),
+        ("d@m@step-9", "checkpoint 'step-9' of 'd@m@step-9' is not listed under models.m.checkpoints (base)"),
+    ):  # fmt: skip
+        assert f"score.textsets[0]: {says}" in error_of(minimal(score={"textsets": [name]}))
+
+
 def run_config(**run):
     spec = {
         "base": "m",

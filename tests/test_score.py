@@ -280,3 +280,62 @@ def test_tokenizer_without_pad_token_scores_the_same(lm):
     assert a["n_tokens"].to_list() == b["n_tokens"].to_list()
     for col in ("llh_sum", "entropy_mean", "perplexity"):
         assert (a[col] - b[col]).abs().max() <= 1e-6, col
+
+
+def test_exact_prompt_ids_and_generator_logprobs(lm):
+    """A generator's exact tokens are scored as given (even where re-tokenizing the text would
+    differ), its log-probabilities sit beside the scorer's, and the largest difference is reported."""
+    model, tok = lm
+    prompt_ids = tok("Count: 1 2 3", add_special_tokens=False)["input_ids"]
+    comp_ids = tok(" 4 5 6", add_special_tokens=False)["input_ids"]
+    x = torch.tensor([prompt_ids + comp_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(x).logits[0].double(), -1)
+    n = len(prompt_ids)
+    truth = [float(lp[n + k - 1, t]) for k, t in enumerate(comp_ids)]
+    reported = [v + (0.02 if k == 1 else 0.0) for k, v in enumerate(truth)]
+    reported[-1] = None  # a step the generator gave no log-probability for
+    items = [
+        # the prompt text differs from the ids on purpose: the ids win
+        TextItem(
+            "gen",
+            "unrelated text",
+            "",
+            completion_ids=comp_ids,
+            prompt_ids=prompt_ids,
+            completion_logprobs=reported,
+        ),  # fmt: skip
+        TextItem(
+            "ref", "Say hello.", " hello"
+        ),  # an ordinary item in the same call (joint boundary)
+    ]
+    tokens, seqs = score_items(model, tok, items, ScoreOptions(boundary="joint", **QUIET))
+    mine = tokens.filter(pl.col("id") == "gen")
+    assert mine["token_id"].to_list() == comp_ids
+    assert mine["logprob"].to_list() == pytest.approx(truth, abs=1e-4)
+    assert mine["gen_logprob"].to_list()[:-1] == pytest.approx(reported[:-1])
+    assert mine["gen_logprob"].to_list()[-1] is None
+    assert tokens.filter(pl.col("id") == "ref")["gen_logprob"].is_null().all()
+    row = seqs.filter(pl.col("id") == "gen").row(0, named=True)
+    assert row["n_prompt_tokens"] == n
+    assert row["max_abs_logprob_diff"] == pytest.approx(0.02, abs=1e-4)
+    assert row["gen_llh_sum"] == pytest.approx(sum(reported[:-1]))
+
+
+def test_generated_items_from_a_graded_table():
+    from reasonlab.score import generated_items
+
+    df = pl.DataFrame(
+        {"id": ["q1", "q1", "q2", "q2"], "sample": [0, 1, 0, 1], "prompt": ["p1", "p1", "p2", "p2"],
+         "completion": ["a", "b", "c", "d"], "finish_reason": ["stop", "length", "stop", "stop"],
+         "prompt_ids": [[1, 2]] * 2 + [[3]] * 2, "token_ids": [[5], [6, 7], [8], []],
+         "token_logprobs": [[-0.1], [-0.2, -0.3], [-0.4], []], "correct": [True, False, None, True]}
+    )  # fmt: skip
+    items = generated_items(df, "eval", "m/final")
+    assert [it.id for it in items] == ["q1#0", "q1#1", "q2#0", "q2#1"]
+    assert items[1].completion_ids == [6, 7] and items[1].prompt_ids == [1, 2]
+    assert items[1].completion_logprobs == [-0.2, -0.3]
+    assert [it.meta["type"] for it in items] == ["correct", "incorrect", None, "correct"]
+    assert items[0].meta["generator"] == "m/final" and items[1].meta["finish_reason"] == "length"
+    single = generated_items(df.filter(pl.col("sample") == 0), "eval", "m/final")
+    assert [it.id for it in single] == ["q1", "q2"]  # one sample per prompt: the plain id

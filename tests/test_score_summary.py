@@ -3,19 +3,24 @@
 import polars as pl
 import pytest
 
-from reasonlab.score_summary import ScoreJob, aggregate_scores
+from reasonlab.score_summary import ScoreJob, aggregate_scores, textset_label
 
-OUT_KEYS = ("sequences", "checkpoints", "entropy_hist", "steps", "extremes", "by_type", "tokens")
+OUT_KEYS = (
+    "sequences", "checkpoints", "entropy_hist", "steps", "extremes", "by_type", "agreement", "tokens",
+)  # fmt: skip
 
 
-def write_job(tmp_path, ckpt, order, entropies):
-    """A score job with two texts: 'a' (type x) and 'b' (type y), and an empty text 'c'."""
+def write_job(tmp_path, ckpt, order, entropies, textset="set", gen_shift=None):
+    """A score job with two texts: 'a' (type x) and 'b' (type y), and an empty text 'c'.
+    With `gen_shift`, the tokens carry a generator log-probability of logprob + shift."""
     rows = []
     for tid, ents in entropies.items():
         for pos, e in enumerate(ents, 1):
             rows.append({"id": tid, "position": pos, "token": f"<{tid}{pos}>", "logprob": -e / 2, "prob": 0.5,
                          "entropy": e, "varentropy": 0.1, "rank": 1 if e < 1 else 2, "top1_token": "t",
                          "is_prompt": False})  # fmt: skip
+            if gen_shift is not None:
+                rows[-1]["gen_logprob"] = -e / 2 + gen_shift(tid, pos)
     tokens = pl.DataFrame(rows)
     seqs = (
         tokens.group_by("id")
@@ -35,7 +40,7 @@ def write_job(tmp_path, ckpt, order, entropies):
     t, s = tmp_path / f"{ckpt}.tokens.parquet", tmp_path / f"{ckpt}.sequences.parquet"
     tokens.write_parquet(t)
     seqs.write_parquet(s)
-    return ScoreJob("m", ckpt, order, "set", t, s)
+    return ScoreJob("m", ckpt, order, textset, t, s)
 
 
 @pytest.fixture
@@ -104,3 +109,32 @@ def test_detailed_tokens_only_on_request(aggregated, tmp_path):
     out = {k: tmp_path / f"x_{k}.parquet" for k in OUT_KEYS[:-1]}
     aggregate_scores([job], out, detailed=False)
     assert not (tmp_path / "x_tokens.parquet").exists()
+    assert pl.read_parquet(out["agreement"]).height == 0  # no generated text set: an empty table
+
+
+def test_textset_labels():
+    assert textset_label("eval@m@final", "m", "final") == "eval@self"
+    assert textset_label("eval@m@final", "m", "base") == "eval@m@final"  # cross-scored
+    assert textset_label("eval@m@final", "other", "final") == "eval@m@final"
+    assert textset_label("eval", "m", "final") == "eval"
+
+
+def test_agreement_of_own_generations_only(tmp_path):
+    def shift(tid, pos):
+        return {("a", 2): 0.004, ("b", 1): -2e-4}.get((tid, pos), 1e-6)
+
+    own = write_job(
+        tmp_path, "final", 1, {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0]}, "ev@m@final", shift
+    )
+    cross = write_job(tmp_path, "base", 0, {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0]}, "ev@m@final",
+                      lambda *_: 1.0)  # fmt: skip
+    out = {k: tmp_path / f"g_{k}.parquet" for k in OUT_KEYS[:-1]}
+    aggregate_scores([cross, own], out)
+    agree = pl.read_parquet(out["agreement"])
+    assert agree["ckpt"].to_list() == ["final"] and agree["textset"].to_list() == ["ev@self"]
+    row = agree.row(0, named=True)
+    assert row["n_compared"] == 5 and row["max_abs_diff"] == pytest.approx(0.004)
+    assert row["mean_abs_diff"] == pytest.approx((0.004 + 2e-4 + 3e-6) / 5)
+    assert row["within_tolerance"] == pytest.approx(4 / 5)
+    seqs = pl.read_parquet(out["sequences"])
+    assert set(seqs["textset"]) == {"ev@self", "ev@m@final"}

@@ -184,10 +184,15 @@ def _check_references(config: dict) -> None:
             problems.append(
                 f"training.{run}.select: keep {spec['select']['keep']} needs n (how many rows)"
             )
+    for i, name in enumerate(config["score"]["textsets"]):
+        if "@" in name:
+            problems += _generated_textset_problems(f"score.textsets[{i}]", name, config)
     for key, kind, defined in (("generation.datasets", "dataset", datasets), ("generation.models", "model", models),
                                ("score.textsets", "dataset", datasets), ("score.models", "model", models)):  # fmt: skip
         section, field = key.split(".")
         for i, name in enumerate(config[section][field] or []):
+            if key == "score.textsets" and "@" in name:
+                continue
             if name not in defined:
                 problems.append(
                     f"{key}[{i}]: {kind} {name!r} is not defined under {kind}s; "
@@ -195,6 +200,28 @@ def _check_references(config: dict) -> None:
                 )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _generated_textset_problems(key: str, name: str, config: dict) -> list[str]:
+    """A generated text set is `<dataset>@<model>@<ckpt>`: each part must be defined."""
+    parts = name.split("@")
+    if len(parts) != 3 or not all(parts):
+        return [
+            f"{key}: {name!r} is neither a dataset name nor '<dataset>@<model>@<ckpt>' (generations of a checkpoint)"
+        ]
+    dataset, model, ckpt = parts
+    if dataset not in config["datasets"]:
+        return [f"{key}: dataset {dataset!r} of {name!r} is not defined under datasets; "
+                f"defined datasets are: {', '.join(sorted(config['datasets']))}"]  # fmt: skip
+    if model not in config["models"]:
+        return [f"{key}: model {model!r} of {name!r} is not defined under models; "
+                f"defined models are: {', '.join(sorted(config['models']))}"]  # fmt: skip
+    ckpts = config["models"][model]["checkpoints"]
+    if ckpt not in ckpts:
+        return [
+            f"{key}: checkpoint {ckpt!r} of {name!r} is not listed under models.{model}.checkpoints ({', '.join(ckpts)})"
+        ]
+    return []
 
 
 def validate(config: dict, schema_path: str | Path | None = None) -> dict:

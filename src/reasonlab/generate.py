@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 
 COLUMNS = [
     "id", "sample", "prompt", "completion", "n_prompt_tokens", "n_completion_tokens", "finish_reason",
-    "backend", "token_ids", "token_logprobs", "top_ids", "top_logprobs",
+    "backend", "prompt_ids", "token_ids", "token_logprobs", "top_ids", "top_logprobs",
 ]  # fmt: skip
+SCHEMA_VERSION = 2  # part of every shard's key: shards written under another schema are not reused
 
 
 class GenerationError(ReasonlabError):
@@ -142,6 +143,7 @@ class VllmBackend:
                     {
                         "completion": s.text,
                         "n_prompt_tokens": len(req.prompt_token_ids),
+                        "prompt_ids": list(req.prompt_token_ids),
                         "finish_reason": s.finish_reason or "length",
                         "token_ids": ids,
                         "token_logprobs": [
@@ -211,6 +213,7 @@ class TransformersBackend:
                         {
                             "completion": text,
                             "n_prompt_tokens": len(enc[i]),
+                            "prompt_ids": list(enc[i]),
                             "finish_reason": "stop" if finished or stop_hit else "length",
                             "token_ids": toks,
                             "token_logprobs": lp[
@@ -231,7 +234,8 @@ class TransformersBackend:
 
 def _shard_key(handle, opts: GenOptions, prompts: list[str], backend: str) -> str:
     blob = json.dumps(
-        [handle.content_hash, handle.model, backend, asdict(opts), prompts], sort_keys=True
+        [SCHEMA_VERSION, handle.content_hash, handle.model, backend, asdict(opts), prompts],
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -314,7 +318,7 @@ def to_frame(recs: list[dict]):
     schema = {
         "id": pl.String, "sample": pl.Int64, "prompt": pl.String, "completion": pl.String,
         "n_prompt_tokens": pl.Int64, "n_completion_tokens": pl.Int64, "finish_reason": pl.String,
-        "backend": pl.String, "token_ids": pl.List(pl.Int64), "token_logprobs": pl.List(pl.Float64),
+        "backend": pl.String, "prompt_ids": pl.List(pl.Int64), "token_ids": pl.List(pl.Int64), "token_logprobs": pl.List(pl.Float64),
         "top_ids": pl.List(pl.List(pl.Int64)), "top_logprobs": pl.List(pl.List(pl.Float64)),
     }  # fmt: skip
     return pl.DataFrame(recs, schema=schema).select(COLUMNS)

@@ -23,7 +23,10 @@ Tokenization boundary: the prompt and the completion are encoded separately and 
 produces completion tokens after prompt tokens; `boundary="joint"` encodes prompt + completion as one
 string and splits at the first token that ends after the prompt's last character. Where a token
 would straddle the boundary the two differ, by several nats on a whole text. Generated texts can
-pass their exact token ids instead (`completion_ids`), which avoids re-tokenization altogether.
+pass their exact token ids instead (`prompt_ids`, `completion_ids`), which avoids re-tokenization
+altogether; with the generator's own log-probabilities (`completion_logprobs`) the token table gains a
+`gen_logprob` column and the text table `gen_llh_sum` and `max_abs_logprob_diff` — scored under the
+checkpoint that generated them, the two must agree (vLLM in float32: within 1e-3).
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ class TextItem:
     completion: str = ""
     completion_ids: Sequence[int] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    prompt_ids: Sequence[int] | None = None  # exact prompt tokens (a generator's), used as given
+    completion_logprobs: Sequence[float | None] | None = (
+        None  # the generator's, one per completion token
+    )
 
 
 # ------------------------------------------------------------------------------ the statistics
@@ -134,28 +141,45 @@ def encode(
     if opts.boundary not in ("separate", "joint"):
         raise ScoreError(f"boundary must be 'separate' or 'joint', not {opts.boundary!r}")
     eos = [tokenizer.eos_token_id] if opts.append_eos and tokenizer.eos_token_id is not None else []
-    prompts = tokenizer([it.prompt for it in items], add_special_tokens=False)["input_ids"]
-    out = []
-    if opts.boundary == "separate":
-        texts = [it.completion for it in items]
-        comps = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        for it, p, c in zip(items, prompts, comps, strict=True):
-            c = list(it.completion_ids) if it.completion_ids is not None else c
-            out.append(
-                Encoded(it.id, list(p) + list(c) + (eos if c or it.completion else []), len(p))
+    need = [i for i, it in enumerate(items) if it.prompt_ids is None]
+    prompts: list[list[int] | None] = [
+        None if it.prompt_ids is None else list(it.prompt_ids) for it in items
+    ]
+    if need:
+        for i, p in zip(
+            need,
+            tokenizer([items[i].prompt for i in need], add_special_tokens=False)["input_ids"],
+            strict=True,
+        ):
+            prompts[i] = list(p)
+    # exact completion ids are used as given; otherwise the boundary policy decides
+    exact = [it.completion_ids is not None for it in items]
+    sep = [i for i in range(len(items)) if not exact[i] and opts.boundary == "separate"]
+    joint = [i for i in range(len(items)) if not exact[i] and opts.boundary == "joint"]
+    out: list[Encoded | None] = [None] * len(items)
+    for i, it in enumerate(items):
+        if exact[i]:
+            c = list(it.completion_ids)
+            out[i] = Encoded(it.id, prompts[i] + c + (eos if c else []), len(prompts[i]))
+    if sep:
+        comps = tokenizer([items[i].completion for i in sep], add_special_tokens=False)["input_ids"]
+        for i, c in zip(sep, comps, strict=True):
+            it = items[i]
+            out[i] = Encoded(
+                it.id, prompts[i] + list(c) + (eos if c or it.completion else []), len(prompts[i])
             )
-    else:
-        joint = tokenizer(
-            [it.prompt + it.completion for it in items],
+    if joint:
+        enc = tokenizer(
+            [items[i].prompt + items[i].completion for i in joint],
             add_special_tokens=False,
             return_offsets_mapping=True,
         )
-        for it, ids, offsets in zip(
-            items, joint["input_ids"], joint["offset_mapping"], strict=True
-        ):
-            cut = len(it.prompt)
-            n_prompt = next((i for i, (_, end) in enumerate(offsets) if end > cut), len(ids))
-            out.append(Encoded(it.id, list(ids) + (eos if n_prompt < len(ids) else []), n_prompt))
+        for i, ids, offsets in zip(joint, enc["input_ids"], enc["offset_mapping"], strict=True):
+            cut = len(items[i].prompt)
+            n_prompt = next((k for k, (_, end) in enumerate(offsets) if end > cut), len(ids))
+            out[i] = Encoded(
+                items[i].id, list(ids) + (eos if n_prompt < len(ids) else []), n_prompt
+            )
     for e in out:
         if len(e.ids) > max_length:
             if opts.truncation == "left" and e.n_prompt > len(e.ids) - max_length:
@@ -349,10 +373,31 @@ def score_items(
         },
         schema_overrides={"id": pl.String, "token": pl.String, "top1_token": pl.String},
     ).sort("row", "is_prompt", "position", descending=[False, True, False])
+    if any(it.completion_logprobs is not None for it in items):
+        tokens = _with_generator_logprobs(tokens, items)
     sequences = summarize(
         tokens.filter(~pl.col("is_prompt")) if opts.scope == "completion" else tokens, enc, items
     )
     return tokens.drop("row"), sequences
+
+
+def _with_generator_logprobs(tokens, items: Sequence[TextItem]):
+    """Add `gen_logprob`: the generator's log-probability of each completion token (step k is the
+    k-th generated token), null where there is none (prompt tokens, an appended end-of-sequence)."""
+    import polars as pl
+
+    rows, steps, values = [], [], []
+    for r, it in enumerate(items):
+        lps = list(it.completion_logprobs or [])
+        rows.extend([r] * len(lps))
+        steps.extend(range(1, len(lps) + 1))
+        values.extend(lps)
+    gen = pl.DataFrame(
+        {"row": rows, "position": steps, "gen_logprob": values, "is_prompt": [False] * len(rows)},
+        schema={"row": tokens.schema["row"], "position": tokens.schema["position"],
+                "gen_logprob": pl.Float64, "is_prompt": pl.Boolean},
+    )  # fmt: skip
+    return tokens.join(gen, on=["row", "is_prompt", "position"], how="left", maintain_order="left")
 
 
 def _token_texts(tokenizer, ids) -> dict[int, str]:
@@ -370,14 +415,22 @@ def summarize(tokens, enc: Sequence[Encoded], items: Sequence[TextItem]):
     """Per-text statistics from the per-token table; every item gets a row, in input order."""
     import polars as pl
 
+    gen = []
+    if "gen_logprob" in tokens.columns:
+        diff = (pl.col("logprob") - pl.col("gen_logprob")).abs()
+        gen = [
+            pl.col("gen_logprob").sum().alias("gen_llh_sum"),
+            diff.max().alias("max_abs_logprob_diff"),
+        ]
     agg = tokens.group_by("row").agg(
-        n_tokens=pl.len(),
-        llh_sum=pl.col("logprob").sum(),
-        entropy_mean=pl.col("entropy").mean(),
-        entropy_median=pl.col("entropy").median(),
-        entropy_std=pl.col("entropy").std(ddof=0),
-        entropy_min=pl.col("entropy").min(),
-        entropy_max=pl.col("entropy").max(),
+        pl.len().alias("n_tokens"),
+        pl.col("logprob").sum().alias("llh_sum"),
+        pl.col("entropy").mean().alias("entropy_mean"),
+        pl.col("entropy").median().alias("entropy_median"),
+        pl.col("entropy").std(ddof=0).alias("entropy_std"),
+        pl.col("entropy").min().alias("entropy_min"),
+        pl.col("entropy").max().alias("entropy_max"),
+        *gen,
     )
     base = pl.DataFrame(
         {
@@ -394,7 +447,10 @@ def summarize(tokens, enc: Sequence[Encoded], items: Sequence[TextItem]):
         .with_columns(llh_mean=pl.col("llh_sum") / pl.col("n_tokens"))
         .with_columns(perplexity=(-pl.col("llh_mean")).exp())
         .sort("row")
-        .select(SEQUENCE_COLUMNS)
+        .select(
+            SEQUENCE_COLUMNS
+            + [c for c in ("gen_llh_sum", "max_abs_logprob_diff") if c in agg.columns]
+        )
     )
     meta_keys = [k for k in (items[0].meta if items else {}) if k not in out.columns]
     if meta_keys:
@@ -422,6 +478,34 @@ def reference_items(
     return items
 
 
+def generated_items(df, dataset: str = "", generator: str = "") -> list[TextItem]:
+    """Graded generations (the `generate` → `grade` table) as items scored on their exact tokens:
+    the prompt and completion token ids the generator saw and sampled, with its log-probabilities.
+
+    Ids are the row's id, or `<id>#<sample>` when there are several samples per prompt. The
+    sequence table's `type` is "correct" or "incorrect", so log-likelihood by type splits on it.
+    """
+    multi = df["sample"].max() > 0 if df.height else False
+    items = []
+    for r in df.iter_rows(named=True):
+        correct = r.get("correct")
+        meta = {"dataset": dataset, "generator": generator, "sample": r["sample"],
+                "type": None if correct is None else ("correct" if correct else "incorrect"),
+                "finish_reason": r["finish_reason"]}  # fmt: skip
+        items.append(
+            TextItem(
+                f"{r['id']}#{r['sample']}" if multi else r["id"],
+                r["prompt"],
+                r["completion"],
+                completion_ids=r["token_ids"],
+                prompt_ids=r["prompt_ids"],
+                completion_logprobs=r["token_logprobs"],
+                meta=meta,
+            )
+        )
+    return items
+
+
 def write_tables(tables: dict, paths: dict) -> None:
     """Write polars DataFrames to Parquet under temporary names, then move them into place together."""
     import os
@@ -439,12 +523,14 @@ def write_tables(tables: dict, paths: dict) -> None:
 
 def score_textset(handle, texts, out_tokens, out_sequences, options: dict, prompt: str = "chat",
                   system: str | None = None, threads: int | None = None, name: str = "") -> dict:  # fmt: skip
-    """Score a prepared dataset's reference solutions under a model handle; write both tables.
+    """Score a text set under a model handle and write both tables: a prepared dataset's reference
+    solutions, or (a table with `token_ids`) graded generations on their exact tokens.
 
     Returns a small summary (texts, tokens, seconds, tokens per second).
     """
     import time
 
+    import polars as pl
     import torch
 
     from reasonlab.data import read_dataset
@@ -455,8 +541,11 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
     h = read_handle(handle)
     where = f"{h.model}/{h.ckpt}"
     model, tok = load_model(h, merge_adapter=True)
-    df = read_dataset(texts)
-    items = reference_items(df, tok, prompt, system, dataset=name)
+    if "token_ids" in pl.read_parquet_schema(texts):  # generations (the grade rule's table)
+        dataset, _, generator = name.partition("@")
+        items = generated_items(pl.read_parquet(texts), dataset, generator.replace("@", "/"))
+    else:
+        items = reference_items(read_dataset(texts), tok, prompt, system, dataset=name)
     t0 = time.perf_counter()
     tokens, sequences = score_items(model, tok, items, ScoreOptions(**options), where=where)
     seconds = time.perf_counter() - t0
@@ -467,5 +556,7 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
     n = int(sequences["n_tokens"].sum() + sequences["n_prompt_tokens"].sum())
     summary = {"model": where, "texts": len(items), "scored_tokens": tokens.height, "tokens": n,
                "seconds": round(seconds, 2), "tokens_per_s": round(n / seconds, 1) if seconds else None}  # fmt: skip
+    if "max_abs_logprob_diff" in sequences.columns:
+        summary["max_abs_logprob_diff_vs_generator"] = sequences["max_abs_logprob_diff"].max()
     log.info("scored %s", summary)
     return summary

@@ -70,9 +70,13 @@ def aggregate_scores(jobs: list[ScoreJob], out: dict[str, str | Path], sample_pr
         frames.append((j, t, s))
     max_entropy = max((float(t["entropy"].max()) for _, t, _ in frames if t.height), default=1.0)
     edges = [max_entropy * i / HIST_BINS for i in range(HIST_BINS + 1)]
+    agree = []
     for j, t, s in frames:
+        label = textset_label(j.textset, j.model, j.ckpt)
         tag = [pl.lit(j.model).alias("model"), pl.lit(j.ckpt).alias("ckpt"),
-               pl.lit(j.ckpt_order).alias("ckpt_order"), pl.lit(j.textset).alias("textset")]  # fmt: skip
+               pl.lit(j.ckpt_order).alias("ckpt_order"), pl.lit(label).alias("textset")]  # fmt: skip
+        if label.endswith("@self") and "gen_logprob" in t.columns:
+            agree.append(agreement(t).with_columns(tag))
         seqs.append(s.with_columns(tag))
         ckpts.append(
             t.select(
@@ -95,7 +99,7 @@ def aggregate_scores(jobs: list[ScoreJob], out: dict[str, str | Path], sample_pr
             counts, _ = np.histogram(t["entropy"].to_numpy(), bins=edges)
             total = t.height
             for b, c in enumerate(counts.tolist()):
-                hist_rows.append({"model": j.model, "ckpt": j.ckpt, "ckpt_order": j.ckpt_order, "textset": j.textset,
+                hist_rows.append({"model": j.model, "ckpt": j.ckpt, "ckpt_order": j.ckpt_order, "textset": label,
                                   "bin_start": edges[b], "bin_end": edges[b + 1], "count": c,
                                   "density": c / total / (edges[b + 1] - edges[b])})  # fmt: skip
         sample_ids = s.filter(pl.col("n_tokens") > 0)["id"].head(sample_prompts).to_list()
@@ -122,6 +126,8 @@ def aggregate_scores(jobs: list[ScoreJob], out: dict[str, str | Path], sample_pr
     )
     pl.concat(steps).write_parquet(out["steps"])
     pl.concat(ext).write_parquet(out["extremes"])
+    empty = pl.DataFrame(schema=_agreement_schema(tagged=True))
+    (pl.concat(agree) if agree else empty).write_parquet(out["agreement"])
     type_col = pl.col("type").fill_null("(none)") if "type" in seq.columns else pl.lit("(none)")
     (
         seq.filter(pl.col("n_tokens") > 0)
@@ -141,6 +147,44 @@ def aggregate_scores(jobs: list[ScoreJob], out: dict[str, str | Path], sample_pr
         pl.concat(detail).write_parquet(out["tokens"])
 
 
+AGREEMENT_TOLERANCE = 1e-3  # nats; vLLM in float32 vs the scorer on the same tokens
+
+
+def _agreement_schema(tagged: bool = False) -> dict:
+    import polars as pl
+
+    cols = {"n_tokens": pl.Int64, "n_compared": pl.Int64, "max_abs_diff": pl.Float64,
+            "mean_abs_diff": pl.Float64, "p99_abs_diff": pl.Float64, "within_tolerance": pl.Float64}  # fmt: skip
+    tags = {"model": pl.String, "ckpt": pl.String, "ckpt_order": pl.Int32, "textset": pl.String}
+    return cols | tags if tagged else cols
+
+
+def textset_label(textset: str, model: str, ckpt: str) -> str:
+    """The text set's name in aggregated tables: a checkpoint's own generations
+    (`<dataset>@<model>@<ckpt>` scored under that same checkpoint) become `<dataset>@self`, so
+    they line up across checkpoints; every other name is kept."""
+    dataset, _, generator = textset.partition("@")
+    return f"{dataset}@self" if generator == f"{model}@{ckpt}" else textset
+
+
+def agreement(tokens):
+    """How the generator's log-probabilities of its sampled tokens compare with the scorer's on
+    the same tokens (one row): counts and absolute differences in nats, and the fraction of tokens
+    within AGREEMENT_TOLERANCE. Tokens the generator gave no log-probability for are not compared."""
+    import polars as pl
+
+    d = (
+        tokens.filter(~pl.col("is_prompt") & pl.col("gen_logprob").is_not_null())
+        .select(diff=(pl.col("logprob") - pl.col("gen_logprob")).abs())
+        .get_column("diff")
+    )
+    row = {"n_tokens": tokens.filter(~pl.col("is_prompt")).height, "n_compared": d.len(),
+           "max_abs_diff": d.max() if d.len() else None, "mean_abs_diff": d.mean() if d.len() else None,
+           "p99_abs_diff": d.quantile(0.99) if d.len() else None,
+           "within_tolerance": float((d <= AGREEMENT_TOLERANCE).mean()) if d.len() else None}  # fmt: skip
+    return pl.DataFrame([row], schema=_agreement_schema())
+
+
 def _ckpt_sort(df):
     """Checkpoint names in config order, for chart axes."""
     return df.sort("ckpt_order")["ckpt"].unique(maintain_order=True).to_list()
@@ -157,6 +201,7 @@ def _ckpt_sort(df):
         "score_steps",
         "score_extremes",
         "score_by_type",
+        "score_agreement",
     ),
 )
 def score_section(tables: dict, context: dict) -> list:
@@ -197,6 +242,32 @@ def score_section(tables: dict, context: dict) -> list:
             "llh_mean",
         ),  # fmt: skip
     ]
+    agree = tables["score_agreement"]
+    if agree.height:
+        worst = agree["max_abs_diff"].max()
+        verdict = "agree" if worst is not None and worst <= AGREEMENT_TOLERANCE else "DISAGREE"
+        blocks.append(
+            Html(
+                "<h3>Generator vs scorer log-probabilities</h3><p>Each checkpoint's own generations "
+                "(<code>&lt;dataset&gt;@self</code>) scored on their exact tokens: the log-probability the "
+                "generator reported for each sampled token against the scorer's. They "
+                f"<b>{verdict}</b>: largest difference {worst:.2e} nats (tolerance "
+                f"{AGREEMENT_TOLERANCE:g}). A larger difference means the two engines do not run the same "
+                "model (dtype, tokenizer or weights).</p>"
+            )
+        )
+        blocks.append(
+            agree.sort("model", "textset", "ckpt_order").select(
+                "model",
+                "ckpt",
+                "textset",
+                "n_compared",
+                "max_abs_diff",
+                "mean_abs_diff",
+                "p99_abs_diff",
+                "within_tolerance",
+            )  # fmt: skip
+        )
     if hist.height:
         blocks.append(Html("<h3>Entropy distribution</h3>"))
         blocks.append(

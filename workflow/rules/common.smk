@@ -33,6 +33,7 @@ wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     ckpt=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     dataset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
+    textset=r"[A-Za-z0-9][A-Za-z0-9_.-]*(?:@[A-Za-z0-9][A-Za-z0-9_.-]*@[A-Za-z0-9][A-Za-z0-9_.-]*)?",
     env="|".join(ENVIRONMENTS),
 
 
@@ -61,16 +62,31 @@ def get_env_conda(wildcards):
     return conda_env(wildcards.env)
 
 
+def canonical(obj):
+    """`obj` with every mapping's keys sorted, recursively. Snakemake compares a rule's params by
+    their repr, so params built from config must not depend on the order keys are written in.
+    """
+    if isinstance(obj, dict):
+        return {k: canonical(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [canonical(v) for v in obj]
+    return obj
+
+
 def env_python(name):
-    """The Python of a tool environment: the venv's, or under --use-conda the activated env's."""
+    """The Python of a tool environment: the venv's, or under --use-conda the activated env's.
+
+    A Path, not a string: Snakemake does not record it among the params, so moving the project or
+    its environments does not re-run every job (the environment's content is tracked by describe_env).
+    """
     if using_conda():
-        return "python"
+        return Path("python")
     python = env_dir(name) / "bin" / "python"
     if not python.exists():
         raise WorkflowError(
             f"environment {name!r} is not set up at {env_dir(name)}: run `bash envs/setup.sh {name}`"
         )
-    return str(python)
+    return python
 
 
 def get_env_python(wildcards):
@@ -127,7 +143,7 @@ def get_model_spec(wildcards):
     spec["checkpoints"] = {wildcards.ckpt: spec["checkpoints"][wildcards.ckpt]}
     if "run" in spec:
         spec["run_output"] = run_output(spec["run"])
-    return spec
+    return canonical(spec)
 
 
 def get_model_inputs(wildcards):
@@ -200,14 +216,14 @@ def get_run_stage(wildcards):
 
 
 def get_run_select(wildcards):
-    return TRAINING[wildcards.run]["select"]
+    return canonical(TRAINING[wildcards.run]["select"])
 
 
 # ---------------------------------------------------------------- datasets
 
 
 def get_dataset_spec(wildcards):
-    return DATASETS[wildcards.dataset]
+    return canonical(DATASETS[wildcards.dataset])
 
 
 def get_dataset_inputs(wildcards):
@@ -230,9 +246,9 @@ GEN_OPTIONS_JSON = json.dumps(
 )
 GEN_JOBS = [
     (m, c, d)
-    for m in (GENERATION["models"] or list(MODELS))
+    for m in sorted(GENERATION["models"] or MODELS)
     for c in model_checkpoints(m)
-    for d in GENERATION["datasets"]
+    for d in sorted(GENERATION["datasets"])
 ]
 
 
@@ -241,7 +257,7 @@ def get_gen_python(wildcards):
 
 
 def get_dataset_format(wildcards):
-    return DATASETS[wildcards.dataset]["format"]
+    return canonical(DATASETS[wildcards.dataset])["format"]
 
 
 def gen_outputs():
@@ -267,12 +283,32 @@ SCORE_OPTIONS = {
         "compile",
     )
 }
+# job lists are in a canonical order (models and text sets by name, checkpoints as listed): the
+# aggregation rules take them as params, which must not change when config keys are reordered
 SCORE_JOBS = [
     (m, c, t)
-    for m in (SCORE["models"] or list(MODELS))
+    for m in sorted(SCORE["models"] or MODELS)
     for c in model_checkpoints(m)
-    for t in SCORE["textsets"]
+    for t in sorted(SCORE["textsets"])
 ]
+# every generation job's completions scored under the checkpoint that generated them
+SCORE_JOBS = sorted(
+    set(SCORE_JOBS)
+    | {
+        (m, c, f"{d}@{m}@{c}") for m, c, d in (GEN_JOBS if SCORE["generations"] else [])
+    },
+    key=lambda j: (j[0], model_checkpoints(j[0]).index(j[1]), j[2]),
+)
+
+
+def get_textset_input(wildcards):
+    """A text set is a prepared dataset, or `<dataset>@<model>@<ckpt>`: that checkpoint's graded
+    generations on the dataset."""
+    dataset, _, generator = wildcards.textset.partition("@")
+    if generator:
+        model, ckpt = generator.split("@")
+        return f"results/generations/{model}/{ckpt}/{dataset}.parquet"
+    return f"results/data/{dataset}.parquet"
 
 
 def score_outputs(kind):

@@ -17,7 +17,7 @@ rule build_demo_data:
         runtime=10,
     params:
         seed=config["demo"]["seed"],
-        sizes=config["demo"]["sizes"],
+        sizes=canonical(config["demo"]["sizes"]),
     script:
         "../../scripts/build_demo_data.py"
 
@@ -59,7 +59,7 @@ rule build_demo_model:
         mem_mb=2000,
         runtime=10,
     params:
-        spec=config["demo"]["model"],
+        spec=canonical(config["demo"]["model"]),
         seed=config["demo"]["seed"],
     script:
         "../../scripts/build_demo_model.py"

@@ -4,7 +4,7 @@
 rule score:
     input:
         handle="results/models/{model}/{ckpt}.json",
-        texts="results/data/{textset}.parquet",
+        texts=get_textset_input,
     output:
         tokens="results/scores/{model}/{ckpt}/{textset}.tokens.parquet",
         sequences="results/scores/{model}/{ckpt}/{textset}.sequences.parquet",
@@ -37,6 +37,7 @@ rule aggregate_scores:
         steps="results/aggregate/score_steps.parquet",
         extremes="results/aggregate/score_extremes.parquet",
         by_type="results/aggregate/score_by_type.parquet",
+        agreement="results/aggregate/score_agreement.parquet",
         detailed=score_detailed_output(),
     log:
         "logs/aggregate/scores.log",
@@ -63,6 +64,7 @@ if SCORE_JOBS:
         "steps",
         "extremes",
         "by_type",
+        "agreement",
     ):
         register_report_table(
             f"score_{_name}", getattr(rules.aggregate_scores.output, _name)

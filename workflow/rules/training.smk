@@ -55,8 +55,10 @@ rule finetune:
 
 rule aggregate_training:
     input:
-        outputs=expand("results/training/{run}/output", run=TRAINING),
-        selections=expand("results/training/{run}/selection.parquet", run=TRAINING),
+        outputs=expand("results/training/{run}/output", run=sorted(TRAINING)),
+        selections=expand(
+            "results/training/{run}/selection.parquet", run=sorted(TRAINING)
+        ),
         handles=run_handles(),
     output:
         loss="results/aggregate/training_loss.parquet",
@@ -72,7 +74,7 @@ rule aggregate_training:
         mem_mb=2000,
         runtime=10,
     params:
-        runs=list(TRAINING),
+        runs=sorted(TRAINING),
     script:
         "../../scripts/aggregate_training.py"
 

@@ -1,0 +1,45 @@
+"""Helpers of the end-to-end tests: run Snakemake on the real workflow in a working directory."""
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def snakemake(workdir, *args, check=True, timeout=1200):
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "-c2", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    if check and r.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+        )
+    return r
+
+
+def planned(workdir, *args) -> Counter:
+    """Rule name -> number of jobs a dry run would execute."""
+    r = snakemake(workdir, "-n", *args)
+    out = r.stdout + r.stderr
+    if "Nothing to be done" in out:
+        return Counter()
+    table = out.split("Job stats:", 1)[1]
+    jobs = Counter()
+    for line in table.splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            if parts and parts[0] == "total":
+                break
+            continue
+        jobs[parts[0]] = int(parts[1])
+    return jobs
+
+
+def write_config(workdir, cfg, name="config.yaml"):
+    path = Path(workdir) / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
