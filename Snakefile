@@ -17,6 +17,10 @@ include: "workflow/rules/training.smk"
 include: "workflow/rules/report.smk"
 
 
+onstart:
+    check_cluster_tools()
+
+
 rule all:
     input:
         get_final_output(),

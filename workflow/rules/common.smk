@@ -1,6 +1,7 @@
 # Helpers, config validation and wildcard constraints shared by every stage.
 # Parse time stays cheap: nothing here imports torch or reads a model.
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +36,24 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
     textset=r"[A-Za-z0-9][A-Za-z0-9_.-]*(?:@[A-Za-z0-9][A-Za-z0-9_.-]*@[A-Za-z0-9][A-Za-z0-9_.-]*)?",
     env="|".join(ENVIRONMENTS),
+
+
+# ---------------------------------------------------------------- cluster
+
+
+def check_cluster_tools():
+    """Before any job is submitted with the SLURM executor (`--profile slurm`): SLURM's client
+    commands must be on PATH, or every submission would fail with a bare "No such file"."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.cli_prefix != "slurm":
+        return
+    missing = [t for t in ("sbatch", "squeue", "scancel") if shutil.which(t) is None]
+    if missing:
+        raise WorkflowError(
+            f"the SLURM executor (--profile slurm) needs SLURM's commands, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH: run on a machine of the cluster (its login node), or run locally "
+            "without the profile: snakemake -c2 results/report.html"
+        )
 
 
 # ---------------------------------------------------------------- environments
