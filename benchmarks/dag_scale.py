@@ -5,7 +5,7 @@ scoring on every checkpoint (about 2,600 jobs).
 
 In a temporary directory it writes such a config (local model directories and small datasets; no
 model is loaded: only planning is measured), then times
-- `snakemake -n`: parsing the Snakefile plus planning every job (target: < 10 s);
+- `snakemake -n`: parsing the Snakefile plus planning every job (target: < 10 s; median of --runs);
 - once every planned output exists (written empty, as `snakemake --summary` lists them): a no-op
   `snakemake -n` and a no-op real run, i.e. Snakemake's bookkeeping over every job with none to run;
 and checks with `python -X importtime` that parsing imports no torch, transformers, vLLM or
@@ -16,6 +16,7 @@ noop_run_seconds, heavy_imports_at_parse.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,14 +84,19 @@ def main() -> None:
     p.add_argument("--models", type=int, default=10)
     p.add_argument("--checkpoints", type=int, default=20)
     p.add_argument("--datasets", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="plannings timed (the median is reported)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_study(work, args.models, args.checkpoints, args.datasets)
-        plan_s, out = snakemake(work, "-n", "--quiet", "rules")
+        runs = []
+        for _ in range(args.runs):
+            plan_s, out = snakemake(work, "-n", "--quiet", "rules")
+            runs.append(round(plan_s, 2))
+        plan_s = statistics.median(runs)
         total = [line for line in out.splitlines() if line.startswith("total")]
         jobs = int(total[0].split()[1]) if total else 0
-        print(f"plan: {jobs} jobs in {plan_s:.2f} s")
+        print(f"plan: {jobs} jobs in {', '.join(f'{r:.2f}' for r in runs)} s")
         _, summary = snakemake(work, "--summary")
         outputs = [
             line.split("\t", 1)[0] for line in summary.splitlines() if line.startswith("results/")
@@ -108,7 +114,7 @@ def main() -> None:
         print(f"no-op: plan {noop_plan_s:.2f} s, run {noop_run_s:.2f} s")
         heavy = heavy_imports(work)
     print(json.dumps({"models": args.models, "checkpoints": args.checkpoints, "datasets": args.datasets,
-                      "jobs": jobs, "plan_seconds": round(plan_s, 2),
+                      "jobs": jobs, "plan_seconds": round(plan_s, 2), "plan_runs": runs,
                       "noop_plan_seconds": round(noop_plan_s, 2), "noop_run_seconds": round(noop_run_s, 2),
                       "heavy_imports_at_parse": heavy}))  # fmt: skip
 
