@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
+from parse_time import heavy_imports  # benchmarks/ is on sys.path when a script here runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
@@ -64,17 +65,6 @@ def snakemake(work: Path, *args: str) -> tuple[float, str]:
     if r.returncode:
         sys.exit(f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
     return seconds, r.stdout + r.stderr
-
-
-def heavy_imports(work: Path) -> list[str]:
-    r = subprocess.run([sys.executable, "-X", "importtime", str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"),
-                        "-d", str(work), "-n"], capture_output=True, text=True, cwd=work)  # fmt: skip
-    names = {
-        line.rsplit("|", 1)[-1].strip()
-        for line in r.stderr.splitlines()
-        if line.startswith("import time:")
-    }
-    return sorted(n for n in names if n in ("torch", "transformers", "vllm", "llamafactory"))
 
 
 def main() -> None:

@@ -294,7 +294,7 @@ def test_job_stats_parser_sees_every_job(demo):
     assert (
         jobs["describe_env"] == 3
         and jobs["prepare_dataset"] == 4
-        and jobs["score"] == 26
+        and jobs["score"] == 29  # 13 checkpoints x 2 datasets + tiny's 3 own generations
         and jobs["finetune"] == 4
     )
 
@@ -326,8 +326,12 @@ def test_scores_match_the_models_own_loss(demo):
     tokens = pl.read_parquet(demo / "results/scores/tiny-init/base/demo-pool.tokens.parquet")
     assert tokens.height == seqs["n_tokens"].sum()
     by_type = pl.read_parquet(demo / "results/aggregate/score_by_type.parquet")
-    # pool rows carry a sample type; the eval rows (MATH format: its `type` is the subject) have none
-    assert sorted(set(by_type["type"])) == ["(none)", "canonical", "paraphrase", "terse", "wrong"]
+    # pool rows carry a sample type; the eval rows (MATH format: its `type` is the subject) have none;
+    # generations are correct or incorrect
+    refs = by_type.filter(~pl.col("textset").str.contains("@"))
+    assert sorted(set(refs["type"])) == ["(none)", "canonical", "paraphrase", "terse", "wrong"]
+    gens = by_type.filter(pl.col("textset") == "demo-eval@self")
+    assert set(gens["type"]) <= {"correct", "incorrect"} and gens["n_texts"].sum() == 3 * 60
     doc = (demo / "results/report.html").read_text()
     assert "Token entropy and log-likelihood" in doc and "Highest- and lowest-entropy tokens" in doc
 

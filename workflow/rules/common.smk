@@ -43,7 +43,8 @@ wildcard_constraints:
 
 def check_cluster_tools():
     """Before any job is submitted with the SLURM executor (`--profile slurm`): SLURM's client
-    commands must be on PATH, or every submission would fail with a bare "No such file"."""
+    commands must be on PATH, or every submission would fail with a bare "No such file".
+    """
     plugin = workflow.executor_plugin
     if plugin is None or plugin.cli_prefix != "slurm":
         return
