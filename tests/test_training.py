@@ -9,10 +9,9 @@ import pytest
 import torch
 import yaml
 
-from reasonlab.models import load_model, resolve, write_handle
+from reasonlab.models import ModelError, checkpoint_dir, load_model, resolve, write_handle
 from reasonlab.training import (
     TrainingError,
-    checkpoint_dir,
     read_loss_curve,
     select_rows,
     train_config,
@@ -157,7 +156,7 @@ def test_lora_run_gives_loadable_adapter_checkpoints(
     r, out = finetune(tmp_path, base_handle, sft_data, settings)
     assert r.returncode == 0, r.stdout[-3000:]
     assert (checkpoint_dir(out, "step-2") / "adapter_config.json").exists()
-    with pytest.raises(TrainingError, match=r"no checkpoint-3 .* \(saved: step-2, step-4\)"):
+    with pytest.raises(ModelError, match=r"no checkpoint-3 .* \(saved: step-2, step-4\)"):
         checkpoint_dir(out, "step-3")
     base = resolve(
         "tiny",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ FULL_HASH_LIMIT = (
     64 * 2**20
 )  # files up to this size are hashed whole; larger ones by size, head and tail
 EDGE = 2**20
+STEP = re.compile(r"^step-(\d+)$")  # a training run's checkpoint-N, analysed as step-N
 
 
 class ModelError(ReasonlabError):
@@ -150,6 +152,37 @@ def _hub_snapshot(
     return path, path.name
 
 
+# ----------------------------------------------------------------------------- training runs
+
+
+def saved_steps(output_dir: str | Path) -> list[int]:
+    """The steps of the `checkpoint-N` directories a run saved."""
+    out = []
+    for p in Path(output_dir).glob("checkpoint-*"):
+        tail = p.name.removeprefix("checkpoint-")
+        if tail.isdigit():
+            out.append(int(tail))
+    return sorted(out)
+
+
+def checkpoint_dir(output_dir: str | Path, ckpt: str) -> Path:
+    """The directory of a run's checkpoint `step-N` or `final`."""
+    if ckpt == "final":
+        return Path(output_dir)
+    m = STEP.match(ckpt)
+    if not m:
+        raise ModelError(
+            f"a training run's checkpoints are named step-<N> or final, not {ckpt!r}"
+        )
+    path = Path(output_dir) / f"checkpoint-{m.group(1)}"
+    if not path.is_dir():
+        raise ModelError(
+            f"{ckpt}: the run saved no checkpoint-{m.group(1)} in {output_dir} (saved: "
+            f"{', '.join(f'step-{s}' for s in saved_steps(output_dir)) or 'none'})"
+        )
+    return path
+
+
 def resolve(model: str, ckpt: str, spec: dict, base: Handle | None = None) -> Handle:
     """Resolve one configured model × checkpoint (a `models.<model>` entry of the config) to a handle.
 
@@ -159,11 +192,9 @@ def resolve(model: str, ckpt: str, spec: dict, base: Handle | None = None) -> Ha
     where = f"models.{model}.checkpoints.{ckpt}"
     hub_id = revision = commit = None
     if "run" in spec:  # a training run's checkpoint: step-N or final in the run's output directory
-        from reasonlab.training import TrainingError, checkpoint_dir
-
         try:
             directory = checkpoint_dir(spec["run_output"], ckpt)
-        except TrainingError as e:
+        except ModelError as e:
             raise ModelError(f"{where}: {e}") from None
         return _handle(model, ckpt, spec, "local", directory, None, None, None, base)
     source = spec["source"]

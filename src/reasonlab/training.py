@@ -22,12 +22,12 @@ from pathlib import Path
 import yaml
 
 from reasonlab import ReasonlabError
+from reasonlab.models import STEP
 from reasonlab.report import Html, section
 
 log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "resources" / "llamafactory" / "train.yaml"
-STEP = re.compile(r"^step-(\d+)$")
 TAIL_LINES = 25
 
 
@@ -161,34 +161,6 @@ def run_llamafactory(config: dict, yaml_path: str | Path) -> None:
         raise TrainingError(
             f"llamafactory-cli train {yaml_path} failed (exit {proc.returncode}): {reason.strip()}"
         )
-
-
-def saved_steps(output_dir: str | Path) -> list[int]:
-    """The steps of the `checkpoint-N` directories a run saved."""
-    out = []
-    for p in Path(output_dir).glob("checkpoint-*"):
-        tail = p.name.removeprefix("checkpoint-")
-        if tail.isdigit():
-            out.append(int(tail))
-    return sorted(out)
-
-
-def checkpoint_dir(output_dir: str | Path, ckpt: str) -> Path:
-    """The directory of a run's checkpoint `step-N` or `final`."""
-    if ckpt == "final":
-        return Path(output_dir)
-    m = STEP.match(ckpt)
-    if not m:
-        raise TrainingError(
-            f"a training run's checkpoints are named step-<N> or final, not {ckpt!r}"
-        )
-    path = Path(output_dir) / f"checkpoint-{m.group(1)}"
-    if not path.is_dir():
-        raise TrainingError(
-            f"{ckpt}: the run saved no checkpoint-{m.group(1)} in {output_dir} (saved: "
-            f"{', '.join(f'step-{s}' for s in saved_steps(output_dir)) or 'none'})"
-        )
-    return path
 
 
 def read_loss_curve(output_dir: str | Path, run: str):
