@@ -206,3 +206,105 @@ def test_training_runs_are_checked():
     cfg = run_config()
     cfg["models"]["ft"]["source"] = "x/y"
     assert "models.ft: give exactly one of `source`" in error_of(cfg)
+
+
+def test_checkpoint_listed_twice_is_a_config_error():
+    cfg = run_config()
+    cfg["models"]["ft"]["checkpoints"] = ["step-10", "step-10"]  # a run's model (no source)
+    msg = error_of(cfg)
+    assert msg.splitlines()[1:] == [
+        "  models.ft.checkpoints: 'step-10' is listed more than once; list each checkpoint once"
+    ]
+    cfg = minimal(models={"m": {"source": "org/model", "checkpoints": ["base", "v1", "base"]}})
+    assert error_of(cfg).splitlines()[1:] == [
+        "  models.m.checkpoints: 'base' is listed more than once; list each checkpoint once"
+    ]
+
+
+def training_output(root, steps, final=True):
+    """A training output directory (LlamaFactory / Trainer layout): checkpoint-N sub-directories,
+    each with a tiny config.json and a dummy weights file, and final weights in it when `final`."""
+    for d in [root / f"checkpoint-{s}" for s in steps] + ([root] if final else []):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text('{"model_type": "qwen2"}')
+        (d / "model.safetensors").write_bytes(b"\0" * 8)
+    (root / "trainer_log.jsonl").write_text("")
+    return root
+
+
+def test_checkpoints_all_expands_a_training_output_directory(tmp_path, monkeypatch):
+    out = training_output(tmp_path / "out", [200, 1000, 100])  # 1000 after 200: by N, not by name
+    (out / "checkpoint-last").mkdir()  # not a checkpoint-<N>: ignored
+    cfg = validate(minimal(models={"m": {"source": str(out), "checkpoints": "all"}}))
+    assert cfg["models"]["m"]["checkpoints"] == {
+        "step-100": str(out / "checkpoint-100"),
+        "step-200": str(out / "checkpoint-200"),
+        "step-1000": str(out / "checkpoint-1000"),
+        "final": None,
+    }
+    # names of the expansion can be referred to like listed ones
+    refs = minimal(
+        models={"m": {"source": str(out), "checkpoints": "all"}, "n": {"source": "a/b"}},
+        score={"textsets": ["d@m@step-200"]},
+    )
+    validate(refs)
+    # a run still in progress: no final weights yet, only checkpoints; a relative source stays relative
+    monkeypatch.chdir(tmp_path)
+    training_output(tmp_path / "running", [10, 20], final=False)
+    cfg = validate(minimal(models={"m": {"source": "running", "checkpoints": "all"}}))
+    assert cfg["models"]["m"]["checkpoints"] == {
+        "step-10": "running/checkpoint-10",
+        "step-20": "running/checkpoint-20",
+    }
+    # only final weights, no checkpoint-N
+    training_output(tmp_path / "final-only", [])
+    cfg = validate(minimal(models={"m": {"source": "./final-only", "checkpoints": "all"}}))
+    assert cfg["models"]["m"]["checkpoints"] == {"final": None}
+
+
+def test_checkpoints_all_is_stable_as_a_run_saves_more(tmp_path):
+    out = training_output(tmp_path / "out", [100, 200], final=False)
+    cfg = minimal(models={"m": {"source": str(out), "checkpoints": "all"}})
+    before = validate(cfg)["models"]["m"]["checkpoints"]
+    training_output(out, [300], final=False)
+    after = validate(cfg)["models"]["m"]["checkpoints"]
+    assert list(after) == ["step-100", "step-200", "step-300"]
+    assert {k: after[k] for k in before} == before  # exactly one checkpoint added, none changed
+    training_output(out, [], final=True)  # training finished: its final weights join as `final`
+    assert list(validate(cfg)["models"]["m"]["checkpoints"]) == [*after, "final"]
+
+
+def test_checkpoints_all_errors_name_the_key_and_what_to_do(tmp_path):
+    def one_line(models, **extra):
+        lines = error_of(minimal(models=models, **extra)).splitlines()
+        assert len(lines) == 2 and lines[0] == "invalid config:"
+        return lines[1].strip()
+
+    missing = tmp_path / "nope"
+    assert one_line({"m": {"source": str(missing), "checkpoints": "all"}}) == (
+        f"models.m.checkpoints: `all` needs models.m.source to be an existing local directory, "
+        f"but {str(missing)!r} is not one; fix the path, or list the checkpoints by name"
+    )
+    msg = one_line({"m": {"source": "org/model", "checkpoints": "all"}})  # a hub id
+    assert msg.startswith("models.m.checkpoints: `all` needs models.m.source to be an existing")
+    assert "'org/model' is not one (relative to " in msg
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "checkpoint-x").mkdir()
+    (empty / "training_args.bin").write_bytes(b"\0")  # not weights
+    (empty / "config.json").write_text("{}")
+    assert one_line({"m": {"source": str(empty), "checkpoints": "all"}}) == (
+        f"models.m.checkpoints: `all` found no checkpoint-<N> sub-directory and no weights "
+        f"(config.json with *.safetensors or *.bin, or adapter_config.json) in {str(empty)!r}; "
+        f"point models.m.source at a training output directory, or list the checkpoints"
+    )
+    cfg = run_config()
+    cfg["models"]["ft"]["checkpoints"] = "all"
+    assert error_of(cfg).splitlines()[1:] == [
+        "  models.ft.checkpoints: `all` is only for a `source` directory of checkpoint-N folders; "
+        "a run's model analyses the checkpoints its run saves: list the ones to analyse, "
+        "e.g. [step-10, step-20, step-30, final]"
+    ]
+    assert "'al' is not valid under any of the given schemas; expected name → what to load" in (
+        error_of(minimal(models={"m": {"source": str(empty), "checkpoints": "al"}}))
+    )

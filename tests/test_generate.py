@@ -1,11 +1,9 @@
 """Generation: prompts, both backends' schema and greedy agreement, resumable shards, grading."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -25,6 +23,24 @@ import json, sys
 from reasonlab.generate import GenOptions, generate_dataset
 if __name__ == "__main__":
     print(json.dumps(generate_dataset(sys.argv[1], sys.argv[2], sys.argv[3], GenOptions(**json.loads(sys.argv[4])), progress=False)))
+"""
+
+# RUN with the transformers engine watched: it SIGKILLs the process when asked for a shard after
+# the first `argv[5]` (0: never), and the prompts it was asked for are printed after the summary.
+RUN_WATCHED = """
+import json, os, signal, sys
+from reasonlab import generate as g
+kill_after, asked = int(sys.argv[5]), []
+engine_generate = g.TransformersBackend.generate
+def generate(self, prompts):
+    if kill_after and len(asked) == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    asked.append(prompts)
+    return engine_generate(self, prompts)
+g.TransformersBackend.generate = generate
+summary = g.generate_dataset(sys.argv[1], sys.argv[2], sys.argv[3], g.GenOptions(**json.loads(sys.argv[4])), progress=False)
+print(json.dumps(summary))
+print(json.dumps([p for part in asked for p in part]))
 """
 
 
@@ -98,23 +114,24 @@ def test_transformers_backend_schema_and_resume(job, tmp_path):
         and first["top_ids"][0][0] == first["token_ids"][0]
     )  # greedy: top-1
     assert not (tmp_path / "whole.parquet.shards").exists()
-    # a job killed after its first shard, then re-run, redoes only the missing shards
+    # a job killed after its first shard, then re-run, redoes only the missing shards. The child
+    # SIGKILLs itself when the engine is asked for a second shard: the first shard's file is
+    # written by then and nothing else is, whatever the machine's speed.
     out = tmp_path / "resumed.parquet"
     shards = Path(str(out) + ".shards")
-    proc = subprocess.Popen([sys.executable, "-c", RUN, str(job / "h.json"), str(job / "eval.parquet"), str(out), json.dumps(opts)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(shards.glob("shard-*.parquet")):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done_before = len(list(shards.glob("shard-*.parquet")))
-    assert 1 <= done_before < 3 and not out.exists()
-    resumed = run(sys.executable, job, out, **opts)
-    assert (
-        resumed["shards_reused"] == done_before and resumed["shards_generated"] == 3 - done_before
-    )
-    assert pl.read_parquet(out).equals(table)
+    killed = subprocess.run([sys.executable, "-c", RUN_WATCHED, str(job / "h.json"), str(job / "eval.parquet"), str(out), json.dumps(opts), "1"],
+                            capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert [p.name[:11] for p in shards.iterdir()] == ["shard-00000"] and not out.exists()
+    first_shard = pl.read_parquet(next(shards.iterdir()))
+    assert first_shard.equals(table.head(first_shard.height))
+    r = subprocess.run([sys.executable, "-c", RUN_WATCHED, str(job / "h.json"), str(job / "eval.parquet"), str(out), json.dumps(opts), "0"],
+                       capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed, asked = (json.loads(ln) for ln in r.stdout.splitlines()[-2:])
+    assert resumed["shards_reused"] == 1 and resumed["shards_generated"] == 2
+    assert asked == table["prompt"].to_list()[2:]  # the engine saw only the missing shards' prompts
+    assert pl.read_parquet(out).equals(table) and not shards.exists()
 
 
 @pytest.mark.skipif(

@@ -9,9 +9,12 @@ import sys
 import pytest
 import torch
 
+from reasonlab.config import validate
 from reasonlab.models import (
     ModelError,
+    folder_checkpoints,
     hash_directory,
+    holds_weights,
     load_model,
     read_handle,
     resolve,
@@ -205,3 +208,53 @@ def test_relative_handle_paths_resolve_from_the_handles_working_directory(
     assert back.path == str(workdir / "weights")
     model, _ = load_model(workdir / "results/models/tiny/base.json")
     assert model.config.model_type == "qwen2"
+
+
+def test_folder_checkpoints_of_a_training_output_directory(tiny_model_dir, tmp_path):
+    """`checkpoints: all` over a real model's training output directory: every expanded checkpoint
+    resolves to a handle of its own directory and loads."""
+    out = tmp_path / "out"
+    for step in (20, 5, 10):
+        shutil.copytree(tiny_model_dir, out / f"checkpoint-{step}")
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    (out / "checkpoint-7.tmp").mkdir()  # not a checkpoint-<N>
+    (out / "runs").mkdir()
+    (out / "training_args.bin").write_bytes(b"args")
+    assert not holds_weights(out)  # training_args.bin is no weights, and there is no config.json
+    expected = {f"step-{s}": str(out / f"checkpoint-{s}") for s in (5, 10, 20)}
+    assert folder_checkpoints(out) == expected
+    for f in tiny_model_dir.iterdir():  # the run finished: its final model lands in the directory
+        shutil.copy(f, out / f.name)
+    assert holds_weights(out)
+    assert folder_checkpoints(out) == {**expected, "final": None}
+
+    cfg = validate(
+        {
+            "models": {"run": {"source": str(out), "checkpoints": "all", "dtype": "float32"}},
+            "datasets": {"d": {"source": "x.jsonl", "format": "query"}},
+        }
+    )
+    spec = cfg["models"]["run"]
+    handles = {c: resolve("run", c, spec) for c in spec["checkpoints"]}
+    assert {c: h.path for c, h in handles.items()} == {**expected, "final": str(out)}
+    assert all(h.kind == "local" and h.model_type == "qwen2" for h in handles.values())
+    assert len({h.content_hash for h in handles.values()}) == 4  # each checkpoint its own content
+    # final's hash is its own files only, not its checkpoint-N sub-directories
+    final_only = tmp_path / "final-only"
+    shutil.copytree(out, final_only, ignore=shutil.ignore_patterns("checkpoint-*"))
+    assert handles["final"].content_hash == hash_directory(final_only)
+    model, _ = load_model(handles["step-10"])
+    assert model.config.num_hidden_layers == 2
+
+
+def test_folder_checkpoints_of_an_adapter_run_and_of_nothing(tmp_path):
+    assert folder_checkpoints(tmp_path / "missing") == {}
+    (tmp_path / "lora" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "lora" / "adapter_config.json").write_text("{}")
+    assert folder_checkpoints(tmp_path / "lora") == {
+        "step-3": os.path.join(str(tmp_path / "lora"), "checkpoint-3"),
+        "final": None,
+    }
+    (tmp_path / "weights-only").mkdir()
+    (tmp_path / "weights-only" / "model.safetensors").write_bytes(b"\0")
+    assert folder_checkpoints(tmp_path / "weights-only") == {}  # no config.json: not a model

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from reasonlab import ReasonlabError
+from reasonlab.models import folder_checkpoints
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 MAX_ERRORS = 8
@@ -90,28 +92,72 @@ def _check_schema(config: dict, schema: dict) -> None:
 
 
 def _normalize(config: dict) -> None:
+    problems = []
     for name, spec in config["models"].items():
         if ("source" in spec) == ("run" in spec):
-            raise ConfigError(
-                f"invalid config:\n  models.{name}: give exactly one of `source` (a directory or hub id) or `run` (a training run)"
+            problems.append(
+                f"models.{name}: give exactly one of `source` (a directory or hub id) or `run` (a training run)"
             )
+            continue
         if "run" in spec and "checkpoints" not in spec:
             spec["checkpoints"] = ["final"]
         ckpts = spec.get("checkpoints")
         if ckpts is None:
             spec["checkpoints"] = {"base": None}
+        elif ckpts == "all":
+            expanded, problem = _all_checkpoints(name, spec, config.get("training", {}))
+            if problem:
+                problems.append(problem)
+            spec["checkpoints"] = expanded
         elif isinstance(ckpts, list):
-            if len(set(ckpts)) != len(ckpts):
-                raise ConfigError(
-                    f"models.{spec['source']}.checkpoints: a checkpoint is listed twice: {ckpts}"
+            twice = sorted({c for c in ckpts if ckpts.count(c) > 1}, key=ckpts.index)
+            if twice:
+                problems.append(
+                    f"models.{name}.checkpoints: {', '.join(map(repr, twice))} "
+                    f"{'is' if len(twice) == 1 else 'are'} listed more than once; list each checkpoint once"
                 )
             spec["checkpoints"] = dict.fromkeys(ckpts)
         spec.setdefault("dtype", "auto")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     cap = config.get("max_samples")
     if cap:
         for spec in config["datasets"].values():
             n = spec.get("num_samples")
             spec["num_samples"] = cap if n is None else min(n, cap)
+
+
+def _all_checkpoints(name: str, spec: dict, runs: dict) -> tuple[dict, str | None]:
+    """`checkpoints: all` of a `models.<name>` entry: every checkpoint-N of its source directory as
+    step-N (by N), then the directory itself as final when it holds weights; or a problem line."""
+    key = f"models.{name}.checkpoints"
+    if "run" in spec:
+        lf = (runs.get(spec["run"]) or {}).get("llamafactory", {})
+        every, last = lf.get("save_steps", 100), lf.get("max_steps")
+        steps = [every * i for i in range(1, 4) if not last or every * i <= last]
+        more = ", ..." if not last or last >= every * 4 else ""
+        example = ", ".join(f"step-{s}" for s in steps) + more + ", final"
+        return {}, (
+            f"{key}: `all` is only for a `source` directory of checkpoint-N folders; a run's "
+            f"model analyses the checkpoints its run saves: list the ones to analyse, e.g. "
+            f"[{example}]"
+        )
+    source = spec["source"]
+    directory = Path(os.path.expanduser(source))
+    if source.startswith("hub:") or not directory.is_dir():
+        where = "" if directory.is_absolute() else f" (relative to {os.getcwd()})"
+        return {}, (
+            f"{key}: `all` needs models.{name}.source to be an existing local directory, but "
+            f"{source!r} is not one{where}; fix the path, or list the checkpoints by name"
+        )
+    expanded = folder_checkpoints(source)
+    if not expanded:
+        return {}, (
+            f"{key}: `all` found no checkpoint-<N> sub-directory and no weights (config.json with "
+            f"*.safetensors or *.bin, or adapter_config.json) in {source!r}; point "
+            f"models.{name}.source at a training output directory, or list the checkpoints"
+        )
+    return expanded, None
 
 
 def _check_references(config: dict) -> None:

@@ -165,15 +165,43 @@ def saved_steps(output_dir: str | Path) -> list[int]:
     return sorted(out)
 
 
+def holds_weights(directory: str | Path) -> bool:
+    """True when `directory` itself holds a model: config.json with weights (*.safetensors, or *.bin
+    other than the Trainer's training_args.bin), or a LoRA adapter (adapter_config.json)."""
+    d = Path(directory)
+    if (d / "adapter_config.json").is_file():
+        return True
+    if not (d / "config.json").is_file():
+        return False
+    weights = [*d.glob("*.safetensors"), *d.glob("*.bin")]
+    return any(f.is_file() and f.name != "training_args.bin" for f in weights)
+
+
+def folder_checkpoints(directory: str | Path) -> dict[str, str | None]:
+    """Every checkpoint of a training output directory (LlamaFactory / Hugging Face Trainer layout).
+
+    One `step-N` per `checkpoint-N` sub-directory, ordered by N, whose value is that sub-directory's
+    path (written from `directory` as given, so relative stays relative), then `final` -> None (the
+    directory itself) when the directory itself holds weights (`holds_weights`). Empty when there
+    are neither. Adding a checkpoint-N adds exactly one entry and changes no other.
+    """
+    root = Path(os.path.expanduser(str(directory)))
+    out: dict[str, str | None] = {}
+    for step in saved_steps(root):
+        if (root / f"checkpoint-{step}").is_dir():
+            out[f"step-{step}"] = os.path.join(str(directory), f"checkpoint-{step}")
+    if holds_weights(root):
+        out["final"] = None
+    return out
+
+
 def checkpoint_dir(output_dir: str | Path, ckpt: str) -> Path:
     """The directory of a run's checkpoint `step-N` or `final`."""
     if ckpt == "final":
         return Path(output_dir)
     m = STEP.match(ckpt)
     if not m:
-        raise ModelError(
-            f"a training run's checkpoints are named step-<N> or final, not {ckpt!r}"
-        )
+        raise ModelError(f"a training run's checkpoints are named step-<N> or final, not {ckpt!r}")
     path = Path(output_dir) / f"checkpoint-{m.group(1)}"
     if not path.is_dir():
         raise ModelError(
