@@ -23,5 +23,5 @@ onstart:
 
 rule all:
     input:
-        get_final_output(),
+        PLAN.final_outputs(),
     localrule: True

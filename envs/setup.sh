@@ -50,6 +50,16 @@ fix_cuda_wheels() {
   fi
 }
 
+# The reasonlab package itself (editable, so the library is the checkout's): installed again when
+# pyproject.toml changes (new console scripts, package data), which is quick.
+install_package() {
+  local dir=$venvs/$1 want
+  want=$(sha256sum "$here/pyproject.toml" | cut -c1-16)
+  if [ -f "$dir/.reasonlab-package" ] && [ "$(cat "$dir/.reasonlab-package")" = "$want" ]; then return; fi
+  "$dir/bin/python" -m pip install -q --no-deps -e "$here" >>"$dir/pip-install.log" 2>&1
+  echo "$want" >"$dir/.reasonlab-package"
+}
+
 build() {
   local name=$1 spec dir stamp want
   spec=$(spec_file "$name")
@@ -58,6 +68,7 @@ build() {
   stamp=$dir/.reasonlab-spec
   want=$(cat "$spec" "$here/envs/setup.sh" | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    install_package "$name"
     log "$name: up to date ($dir)"
     return
   fi
@@ -71,7 +82,7 @@ build() {
     exit 1
   fi
   fix_cuda_wheels "$name"
-  "$dir/bin/python" -m pip install -q --no-deps -e "$here" >>"$dir/pip-install.log" 2>&1
+  install_package "$name"
   if ! "$dir/bin/python" -c "$(smoke "$name")" >"$dir/smoke.log" 2>&1; then
     tail -n 20 "$dir/smoke.log" >&2
     log "$name: the environment was built but does not import (log: $dir/smoke.log)"

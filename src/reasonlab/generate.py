@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from reasonlab import ReasonlabError
+from reasonlab.options import speed
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ class GenOptions:
     stop: list[str] = field(default_factory=list)
     seed: int = 0
     logprobs: int = 5  # top-k logprobs kept per generated token
-    shard_size: int = 64
-    batch_size: int = 16  # transformers backend
-    kv_cache_gib: int = 1  # vLLM on a CPU
+    shard_size: int = 64  # prompts per resumable shard (with sampling, the batches seen)
+    batch_size: int = speed(16)  # prompts per batch (transformers backend)
+    kv_cache_gib: int = speed(1)  # vLLM's KV cache on a CPU
 
 
 def render_prompts(rows: list[dict], tokenizer, opts: GenOptions) -> list[str]:

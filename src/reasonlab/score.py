@@ -36,7 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reasonlab import ReasonlabError
+from reasonlab import ReasonlabError, textsets
+from reasonlab.options import speed
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,23 @@ class ScoreError(ReasonlabError):
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    """How to score. Defaults suit a CPU; on a GPU raise `token_budget`."""
+    """How to score. Fields made with `speed(...)` change only speed or memory, never a number in
+    the tables (the workflow does not re-run finished jobs when they change)."""
 
     scope: str = (
         "completion"  # "completion": completion tokens only; "all": every token after the first
     )
     boundary: str = "separate"  # "separate" or "joint" (see the module docstring)
-    token_budget: int = 2048  # padded tokens per batch (rows x longest row); more on a GPU
-    max_batch: int = 64  # rows per batch at most
-    chunk_elements: int = 2**23  # logits (positions x vocabulary) materialized at once
     max_length: int | None = None  # default: the model's max_position_embeddings
     truncation: str = "error"  # too long: "error", "left" (drop the prompt's start) or "right" (cut the completion's end)
     append_eos: bool = False  # score the end-of-sequence token after each completion
-    compile: bool = False  # torch.compile the model body: ~25% faster on CPU after a ~1 min compile
-    progress: bool = True
+    token_budget: int = speed(2048)  # padded tokens per batch (rows x longest row); more on a GPU
+    max_batch: int = speed(64)  # rows per batch at most
+    chunk_elements: int = speed(2**23)  # logits (positions x vocabulary) materialized at once
+    compile: bool = speed(
+        False
+    )  # torch.compile the model body: ~25% faster on CPU after a ~1 min compile
+    progress: bool = speed(True)
 
 
 @dataclass
@@ -542,8 +546,8 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
     where = f"{h.model}/{h.ckpt}"
     model, tok = load_model(h, merge_adapter=True)
     if "token_ids" in pl.read_parquet_schema(texts):  # generations (the grade rule's table)
-        dataset, _, generator = name.partition("@")
-        items = generated_items(pl.read_parquet(texts), dataset, generator.replace("@", "/"))
+        t = textsets.parse(name) if name else textsets.TextSet("")
+        items = generated_items(pl.read_parquet(texts), t.dataset, t.generator or "")
     else:
         items = reference_items(read_dataset(texts), tok, prompt, system, dataset=name)
     t0 = time.perf_counter()

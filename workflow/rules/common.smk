@@ -1,6 +1,8 @@
-# Helpers, config validation and wildcard constraints shared by every stage.
+# Snakemake glue shared by every stage: config validation, the plan, wildcard constraints, where
+# each tool environment's Python is. What the jobs are and what each receives is decided by
+# reasonlab.plan (tested Python); the input functions below only hand its answers to Snakemake.
 # Parse time stays cheap: nothing here imports torch or reads a model.
-import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -10,8 +12,18 @@ from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 from reasonlab.config import ConfigError, config_hash, validate  # noqa: E402
-from reasonlab.data import is_local, missing_sources  # noqa: E402
-from reasonlab.models import local_path  # noqa: E402
+from reasonlab.data import missing_sources  # noqa: E402
+from reasonlab.plan import (  # noqa: E402
+    ENVIRONMENTS,
+    WILDCARDS,
+    Plan,
+    as_json,
+    results_config,
+    table_paths,
+)
+from reasonlab.report import generate as report_generate  # noqa: E402
+from reasonlab.report import overview as report_overview  # noqa: E402
+from reasonlab.report import training as report_training  # noqa: E402
 
 try:
     _validated = validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -23,19 +35,19 @@ _missing = missing_sources(config["datasets"])
 if _missing:
     raise WorkflowError("\n".join(_missing))
 
-SCRIPTS = Path(workflow.basedir) / "scripts"
-MODELS = config["models"]
-DATASETS = config["datasets"]
-ENVIRONMENTS = ["core", "train", "gen"]
-CONFIG_HASH = config_hash(config)
+PLAN = Plan(config)
+CONFIG_HASH = config_hash(results_config(config))
+# options that change only speed reach the jobs through speed_only(): changing them re-runs nothing
+GEN_OPTIONS, GEN_SPEED = PLAN.gen_options()
+SCORE_OPTIONS, SCORE_SPEED = PLAN.score_options()
+# the defaults of every training run (a shipped resource, so found beside the Snakefile)
+LLAMAFACTORY_TEMPLATE = str(
+    Path(workflow.basedir) / "resources" / "llamafactory" / "train.yaml"
+)
 
 
 wildcard_constraints:
-    model=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
-    ckpt=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
-    dataset=r"[A-Za-z0-9][A-Za-z0-9_.-]*",
-    textset=r"[A-Za-z0-9][A-Za-z0-9_.-]*(?:@[A-Za-z0-9][A-Za-z0-9_.-]*@[A-Za-z0-9][A-Za-z0-9_.-]*)?",
-    env="|".join(ENVIRONMENTS),
+    **WILDCARDS,
 
 
 # ---------------------------------------------------------------- cluster
@@ -75,24 +87,6 @@ def conda_env(name):
     return str(Path(workflow.basedir) / "envs" / f"{name}.yaml")
 
 
-CORE_CONDA = conda_env("core")
-
-
-def get_env_conda(wildcards):
-    return conda_env(wildcards.env)
-
-
-def canonical(obj):
-    """`obj` with every mapping's keys sorted, recursively. Snakemake compares a rule's params by
-    their repr, so params built from config must not depend on the order keys are written in.
-    """
-    if isinstance(obj, dict):
-        return {k: canonical(obj[k]) for k in sorted(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [canonical(v) for v in obj]
-    return obj
-
-
 def env_python(name):
     """The Python of a tool environment: the venv's, or under --use-conda the activated env's.
 
@@ -109,12 +103,24 @@ def env_python(name):
     return python
 
 
+def python_of(name):
+    """An input function: the Python that runs `-m reasonlab <step>` for a rule (environment `name`)."""
+    return lambda wildcards: env_python(name)
+
+
+def speed_only(value):
+    """A param Snakemake does not compare between runs (a function of the job's threads is a
+    "derived" param): for options that change only speed, so changing them re-runs nothing.
+    """
+    return lambda wildcards, threads: value
+
+
 def get_env_python(wildcards):
     return env_python(wildcards.env)
 
 
-def get_train_python(wildcards):
-    return env_python("train")
+def get_env_conda(wildcards):
+    return conda_env(wildcards.env)
 
 
 def get_env_stamp(wildcards):
@@ -130,235 +136,69 @@ def get_env_stamp(wildcards):
     return str(stamp)
 
 
-# ---------------------------------------------------------------- models
-
-
-def model_checkpoints(model):
-    return list(MODELS[model]["checkpoints"])
-
-
-def all_handles():
-    return [
-        f"results/models/{m}/{c}.json" for m in MODELS for c in model_checkpoints(m)
-    ]
-
-
-def split_ref(ref):
-    """'<model>' or '<model>/<ckpt>' -> (model, ckpt), the model's first checkpoint by default."""
-    m, _, c = ref.partition("/")
-    return m, c or model_checkpoints(m)[0]
-
-
-def _base_of(model):
-    """(base model, base ckpt) of a LoRA adapter entry or of a run's model, or None."""
-    spec = MODELS[model]
-    if "run" in spec:
-        return split_ref(TRAINING[spec["run"]]["base"])
-    return split_ref(spec["base"]) if spec.get("base") else None
+# ---------------------------------------------------------------- input functions (the plan's answers)
 
 
 def get_model_spec(wildcards):
-    """The model's config entry with only this checkpoint, so adding a checkpoint re-runs nothing else."""
-    spec = dict(MODELS[wildcards.model])
-    spec["checkpoints"] = {wildcards.ckpt: spec["checkpoints"][wildcards.ckpt]}
-    if "run" in spec:
-        spec["run_output"] = run_output(spec["run"])
-    return canonical(spec)
+    return as_json(PLAN.model_spec(wildcards.model, wildcards.ckpt))
 
 
 def get_model_inputs(wildcards):
-    """The weights directory when it is local (so the rule that builds it runs first), and the base handle."""
-    spec = MODELS[wildcards.model]
-    local = (
-        run_output(spec["run"]) if "run" in spec else local_path(spec, wildcards.ckpt)
-    )
-    inputs = {}
-    if local is not None and (
-        local.startswith("results/") or Path(local).expanduser().exists()
-    ):
-        inputs["weights"] = local
-    base = _base_of(wildcards.model)
-    if base:
-        inputs["base"] = "results/models/{}/{}.json".format(*base)
-    return inputs
+    return PLAN.model_inputs(wildcards.model, wildcards.ckpt)
 
 
-# ---------------------------------------------------------------- training
-
-TRAINING = config["training"]
-# the defaults of every run (a shipped resource, so found beside the Snakefile)
-LLAMAFACTORY_TEMPLATE = str(
-    Path(workflow.basedir) / "resources" / "llamafactory" / "train.yaml"
-)
-
-
-def run_output(run):
-    return f"results/training/{run}/output"
-
-
-def run_handles():
-    """The handles of every analysed checkpoint of a training run."""
-    return [
-        f"results/models/{m}/{c}.json"
-        for m, spec in MODELS.items()
-        if "run" in spec
-        for c in model_checkpoints(m)
-    ]
-
-
-def get_run_base_handle(wildcards):
-    return "results/models/{}/{}.json".format(
-        *split_ref(TRAINING[wildcards.run]["base"])
-    )
-
-
-def get_selection_inputs(wildcards):
-    """The run's dataset, and its scores under the base model when rows are chosen by score."""
-    spec = TRAINING[wildcards.run]
-    inputs = {"data": f"results/data/{spec['data']}.parquet"}
-    if spec["select"]["keep"] in ("high", "low"):
-        m, c = split_ref(spec["base"])
-        inputs["scores"] = f"results/scores/{m}/{c}/{spec['data']}.sequences.parquet"
-    return inputs
-
-
-def get_run_settings(wildcards):
-    """The run's LlamaFactory settings as JSON (a run-scoped param: editing one run re-runs only it)."""
-    return json.dumps(TRAINING[wildcards.run]["llamafactory"], sort_keys=True)
-
-
-def get_run_threads(wildcards):
-    return TRAINING[wildcards.run]["threads"]
-
-
-def get_run_stage(wildcards):
-    return TRAINING[wildcards.run]["llamafactory"].get("stage", "sft")
-
-
-def get_run_select(wildcards):
-    return canonical(TRAINING[wildcards.run]["select"])
-
-
-# ---------------------------------------------------------------- datasets
+def get_base_arg(wildcards, input):
+    return f"--base {shlex.quote(input.base)}" if "base" in input.keys() else ""
 
 
 def get_dataset_spec(wildcards):
-    return canonical(DATASETS[wildcards.dataset])
+    return as_json(PLAN.dataset_spec(wildcards.dataset))
 
 
 def get_dataset_inputs(wildcards):
-    """The source file when it is local, so that rules producing it (the demo) run first."""
-    source = DATASETS[wildcards.dataset]["source"]
-    return {"source": source} if is_local(source) else {}
-
-
-# ---------------------------------------------------------------- generation
-
-GENERATION = config["generation"]
-GEN_OPTIONS_JSON = json.dumps(
-    {
-        k: v
-        for k, v in GENERATION.items()
-        if k
-        not in ("datasets", "models", "reasoning_start", "reasoning_end", "threads")
-    },
-    sort_keys=True,
-)
-GEN_JOBS = [
-    (m, c, d)
-    for m in sorted(GENERATION["models"] or MODELS)
-    for c in model_checkpoints(m)
-    for d in sorted(GENERATION["datasets"])
-]
-
-
-def get_gen_python(wildcards):
-    return env_python("gen")
+    return PLAN.dataset_inputs(wildcards.dataset)
 
 
 def get_dataset_format(wildcards):
-    return canonical(DATASETS[wildcards.dataset])["format"]
-
-
-def gen_outputs():
-    return [f"results/generations/{m}/{c}/{d}.parquet" for m, c, d in GEN_JOBS]
-
-
-def gen_job_list():
-    return [[m, c, model_checkpoints(m).index(c), d] for m, c, d in GEN_JOBS]
-
-
-# ---------------------------------------------------------------- scoring
-
-SCORE = config["score"]
-SCORE_OPTIONS = {
-    k: SCORE[k]
-    for k in (
-        "scope",
-        "boundary",
-        "append_eos",
-        "max_length",
-        "truncation",
-        "token_budget",
-        "compile",
-    )
-}
-# job lists are in a canonical order (models and text sets by name, checkpoints as listed): the
-# aggregation rules take them as params, which must not change when config keys are reordered
-SCORE_JOBS = [
-    (m, c, t)
-    for m in sorted(SCORE["models"] or MODELS)
-    for c in model_checkpoints(m)
-    for t in sorted(SCORE["textsets"])
-]
-# every generation job's completions scored under the checkpoint that generated them
-SCORE_JOBS = sorted(
-    set(SCORE_JOBS)
-    | {
-        (m, c, f"{d}@{m}@{c}") for m, c, d in (GEN_JOBS if SCORE["generations"] else [])
-    },
-    key=lambda j: (j[0], model_checkpoints(j[0]).index(j[1]), j[2]),
-)
+    return PLAN.datasets[wildcards.dataset]["format"]
 
 
 def get_textset_input(wildcards):
-    """A text set is a prepared dataset, or `<dataset>@<model>@<ckpt>`: that checkpoint's graded
-    generations on the dataset."""
-    dataset, _, generator = wildcards.textset.partition("@")
-    if generator:
-        model, ckpt = generator.split("@")
-        return f"results/generations/{model}/{ckpt}/{dataset}.parquet"
-    return f"results/data/{dataset}.parquet"
+    return PLAN.textset_input(wildcards.textset)
 
 
-def score_outputs(kind):
-    return [f"results/scores/{m}/{c}/{t}.{kind}.parquet" for m, c, t in SCORE_JOBS]
+def get_run_base_handle(wildcards):
+    return PLAN.run_base_handle(wildcards.run)
 
 
-def score_job_list():
-    """(model, ckpt, checkpoint order, text set) of every score job, for the aggregation."""
-    return [[m, c, model_checkpoints(m).index(c), t] for m, c, t in SCORE_JOBS]
+def get_selection_inputs(wildcards):
+    return PLAN.selection_inputs(wildcards.run)
 
 
-def score_detailed_output():
-    return (
-        ["results/aggregate/score_tokens.parquet"] if SCORE["detailed_tokens"] else []
-    )
+def get_scores_arg(wildcards, input):
+    return f"--scores {shlex.quote(input.scores)}" if "scores" in input.keys() else ""
 
 
-# ---------------------------------------------------------------- report
-
-# name -> aggregated Parquet; every stage registers the tables its report section reads.
-REPORT_TABLES = {}
+def get_run_select(wildcards):
+    return PLAN.run_select(wildcards.run)
 
 
-def register_report_table(name, path):
-    REPORT_TABLES[name] = path
+def get_run_stage(wildcards):
+    return PLAN.run_stage(wildcards.run)
+
+
+def get_run_settings(wildcards):
+    return PLAN.run_settings(wildcards.run)
+
+
+def get_run_threads(wildcards):
+    return PLAN.run_threads(wildcards.run)
+
+
+def get_out_dir(wildcards, output):
+    """Where an aggregation writes its tables: the directory of its outputs."""
+    return str(Path(output[0]).parent)
 
 
 def get_report_tables(wildcards):
-    return REPORT_TABLES
-
-
-def get_final_output():
-    return ["results/report.html"]
+    return PLAN.report_tables()

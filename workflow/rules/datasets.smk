@@ -11,12 +11,15 @@ rule prepare_dataset:
     log:
         "logs/prepare_dataset/{dataset}.log",
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
     params:
+        python=python_of("core"),
         spec=get_dataset_spec,
-    script:
-        "../../scripts/prepare_dataset.py"
+    shell:
+        "{params.python:q} -m reasonlab prepare-dataset --log {log:q} --name {wildcards.dataset}"
+        " --spec {params.spec:q} --table {output.table:q} --rejects {output.rejects:q}"
+        " --summary {output.summary:q}"

@@ -10,16 +10,19 @@ rule build_demo_data:
     log:
         "logs/demo/build_demo_data.log",
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     params:
+        python=python_of("core"),
         seed=config["demo"]["seed"],
-        sizes=canonical(config["demo"]["sizes"]),
-    script:
-        "../../scripts/build_demo_data.py"
+        sizes=as_json(config["demo"]["sizes"]),
+    shell:
+        "{params.python:q} -m reasonlab build-demo-data --log {log:q} --pool {output.pool:q}"
+        " --eval {output.eval:q} --control {output.control:q} --pretrain {output.pretrain:q}"
+        " --seed {params.seed} --sizes {params.sizes:q}"
 
 
 rule build_demo_tokenizer:
@@ -32,15 +35,18 @@ rule build_demo_tokenizer:
     log:
         "logs/demo/build_demo_tokenizer.log",
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     params:
+        python=python_of("core"),
         vocab_size=config["demo"]["vocab_size"],
-    script:
-        "../../scripts/build_demo_tokenizer.py"
+    shell:
+        "{params.python:q} -m reasonlab build-demo-tokenizer --log {log:q} --pool {input.pool:q}"
+        " --control {input.control:q} --pretrain {input.pretrain:q} --output {output:q}"
+        " --vocab-size {params.vocab_size}"
 
 
 rule build_demo_model:
@@ -53,13 +59,15 @@ rule build_demo_model:
     benchmark:
         "benchmarks/demo/build_demo_model.tsv"
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     params:
-        spec=canonical(config["demo"]["model"]),
+        python=python_of("core"),
+        spec=as_json(config["demo"]["model"]),
         seed=config["demo"]["seed"],
-    script:
-        "../../scripts/build_demo_model.py"
+    shell:
+        "{params.python:q} -m reasonlab build-demo-model --log {log:q} --tokenizer {input.tokenizer:q}"
+        " --output {output:q} --spec {params.spec:q} --seed {params.seed}"

@@ -1,5 +1,5 @@
-# Tool environments. A rule that needs LlamaFactory or vLLM runs its script with that environment's
-# Python (`params.python`), as describe_env does here for every environment.
+# Tool environments. A rule that needs LlamaFactory or vLLM runs `python -m reasonlab <step>` with
+# that environment's Python, as describe_env does here for every environment.
 
 
 rule describe_env:
@@ -17,6 +17,6 @@ rule describe_env:
         runtime=10,
     params:
         python=get_env_python,
-        script=SCRIPTS / "describe_env.py",
     shell:
-        "{params.python:q} {params.script:q} --env {wildcards.env} --output {output:q} > {log:q} 2>&1"
+        "{params.python:q} -m reasonlab describe-env --log {log:q} --env {wildcards.env}"
+        " --output {output:q}"

@@ -18,12 +18,13 @@ rule generate:
         mem_mb=8000,
         runtime=240,
     params:
-        python=get_gen_python,
-        script=SCRIPTS / "generate.py",
-        options=GEN_OPTIONS_JSON,
+        python=python_of("gen"),
+        options=GEN_OPTIONS,
+        speed=speed_only(GEN_SPEED),
     shell:
-        "{params.python:q} {params.script:q} --handle {input.handle:q} --data {input.data:q}"
-        " --output {output.raw:q} --threads {threads} --options {params.options:q} > {log:q} 2>&1"
+        "{params.python:q} -m reasonlab generate --log {log:q} --handle {input.handle:q}"
+        " --data {input.data:q} --output {output.raw:q} --threads {threads}"
+        " --options {params.options:q} --speed {params.speed:q}"
 
 
 rule grade:
@@ -35,43 +36,40 @@ rule grade:
     log:
         "logs/grade/{model}/{ckpt}/{dataset}.log",
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
     params:
+        python=python_of("core"),
         format=get_dataset_format,
-        reasoning_start=config["generation"]["reasoning_start"],
-        reasoning_end=config["generation"]["reasoning_end"],
-    script:
-        "../../scripts/grade.py"
+        start=config["generation"]["reasoning_start"] or "",
+        end=config["generation"]["reasoning_end"] or "",
+    shell:
+        "{params.python:q} -m reasonlab grade --log {log:q} --raw {input.raw:q}"
+        " --data {input.data:q} --output {output.graded:q} --format {params.format}"
+        " --reasoning-start {params.start:q} --reasoning-end {params.end:q}"
 
 
 rule aggregate_generations:
     input:
-        graded=gen_outputs(),
+        graded=PLAN.gen_outputs(),
     output:
-        accuracy="results/aggregate/gen_accuracy.parquet",
-        lengths="results/aggregate/gen_lengths.parquet",
-        traces="results/aggregate/gen_traces.parquet",
+        **table_paths(report_generate.TABLES),
     log:
         "logs/aggregate/generations.log",
     localrule: True
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     params:
-        jobs=gen_job_list(),
-    script:
-        "../../scripts/aggregate_generations.py"
-
-
-if GEN_JOBS:
-    for _name in ("accuracy", "lengths", "traces"):
-        register_report_table(
-            f"gen_{_name}", getattr(rules.aggregate_generations.output, _name)
-        )
+        python=python_of("core"),
+        out_dir=get_out_dir,
+        jobs=PLAN.gen_job_args(),
+    shell:
+        "{params.python:q} -m reasonlab aggregate-generations --log {log:q} --jobs {params.jobs:q}"
+        " --graded {input.graded:q} --out-dir {params.out_dir}"

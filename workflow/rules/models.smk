@@ -10,12 +10,15 @@ rule resolve_model:
         "logs/resolve_model/{model}/{ckpt}.log",
     localrule: True
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
     params:
+        python=python_of("core"),
         spec=get_model_spec,
-    script:
-        "../../scripts/resolve_model.py"
+        base=get_base_arg,
+    shell:
+        "{params.python:q} -m reasonlab resolve-model --log {log:q} --model {wildcards.model}"
+        " --ckpt {wildcards.ckpt} --spec {params.spec:q} {params.base} --output {output.handle:q}"

@@ -1,32 +1,30 @@
-# Aggregated tables and the self-contained HTML report.
+# The run overview's tables and the self-contained HTML report.
 
 
 rule aggregate_overview:
     input:
-        handles=all_handles(),
-        summaries=expand("results/data/{dataset}.summary.json", dataset=DATASETS),
-        rejects=expand("results/data/{dataset}.rejects.jsonl", dataset=DATASETS),
+        handles=PLAN.handles(),
+        summaries=expand("results/data/{dataset}.summary.json", dataset=PLAN.datasets),
+        rejects=expand("results/data/{dataset}.rejects.jsonl", dataset=PLAN.datasets),
         environments=expand("results/envs/{env}.json", env=ENVIRONMENTS),
     output:
-        models="results/aggregate/models.parquet",
-        datasets="results/aggregate/datasets.parquet",
-        environments="results/aggregate/environments.parquet",
+        **table_paths(report_overview.TABLES),
     log:
         "logs/aggregate/overview.log",
     localrule: True
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    script:
-        "../../scripts/aggregate_overview.py"
-
-
-register_report_table("models", rules.aggregate_overview.output.models)
-register_report_table("datasets", rules.aggregate_overview.output.datasets)
-register_report_table("environments", rules.aggregate_overview.output.environments)
+    params:
+        python=python_of("core"),
+        out_dir=get_out_dir,
+    shell:
+        "{params.python:q} -m reasonlab aggregate-overview --log {log:q} --handles {input.handles:q}"
+        " --summaries {input.summaries:q} --rejects {input.rejects:q}"
+        " --environments {input.environments:q} --out-dir {params.out_dir}"
 
 
 rule report:
@@ -38,13 +36,15 @@ rule report:
         "logs/report.log",
     localrule: True
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     params:
+        python=python_of("core"),
         title=config["report"]["title"],
         config_hash=CONFIG_HASH,
-    script:
-        "../../scripts/report.py"
+    shell:
+        "{params.python:q} -m reasonlab report --log {log:q} {input:q} --output {output:q}"
+        " --title {params.title:q} --config-hash {params.config_hash}"

@@ -13,59 +13,47 @@ rule score:
     benchmark:
         "benchmarks/score/{model}/{ckpt}/{textset}.tsv"
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: config["score"]["threads"]
     resources:
         mem_mb=8000,
         runtime=120,
     params:
+        python=python_of("core"),
         options=SCORE_OPTIONS,
+        speed=speed_only(SCORE_SPEED),
         prompt=config["score"]["prompt"],
-        system=config["score"]["system"],
-    script:
-        "../../scripts/score.py"
+        system=config["score"]["system"] or "",
+    shell:
+        "{params.python:q} -m reasonlab score --log {log:q} --handle {input.handle:q}"
+        " --texts {input.texts:q} --textset {wildcards.textset:q} --tokens {output.tokens:q}"
+        " --sequences {output.sequences:q} --options {params.options:q} --speed {params.speed:q}"
+        " --prompt {params.prompt:q} --system {params.system:q} --threads {threads}"
 
 
 rule aggregate_scores:
     input:
-        tokens=score_outputs("tokens"),
-        sequences=score_outputs("sequences"),
+        tokens=PLAN.score_outputs("tokens"),
+        sequences=PLAN.score_outputs("sequences"),
     output:
-        sequences="results/aggregate/score_sequences.parquet",
-        checkpoints="results/aggregate/score_checkpoints.parquet",
-        entropy_hist="results/aggregate/score_entropy_hist.parquet",
-        steps="results/aggregate/score_steps.parquet",
-        extremes="results/aggregate/score_extremes.parquet",
-        by_type="results/aggregate/score_by_type.parquet",
-        agreement="results/aggregate/score_agreement.parquet",
-        detailed=score_detailed_output(),
+        **PLAN.score_tables(),
     log:
         "logs/aggregate/scores.log",
     localrule: True
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=4000,
         runtime=20,
     params:
-        jobs=score_job_list(),
+        python=python_of("core"),
+        out_dir=get_out_dir,
+        jobs=PLAN.score_job_args(),
         sample_prompts=config["score"]["sample_prompts"],
         extremes=config["score"]["extremes"],
-    script:
-        "../../scripts/aggregate_scores.py"
-
-
-if SCORE_JOBS:
-    for _name in (
-        "sequences",
-        "checkpoints",
-        "entropy_hist",
-        "steps",
-        "extremes",
-        "by_type",
-        "agreement",
-    ):
-        register_report_table(
-            f"score_{_name}", getattr(rules.aggregate_scores.output, _name)
-        )
+        detailed="--detailed" if config["score"]["detailed_tokens"] else "",
+    shell:
+        "{params.python:q} -m reasonlab aggregate-scores --log {log:q} --jobs {params.jobs:q}"
+        " --tokens {input.tokens:q} --sequences {input.sequences:q} --out-dir {params.out_dir}"
+        " --sample-prompts {params.sample_prompts} --extremes {params.extremes} {params.detailed}"

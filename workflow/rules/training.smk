@@ -11,16 +11,20 @@ rule select_training_data:
     log:
         "logs/select_training_data/{run}.log",
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     params:
+        python=python_of("core"),
         select=get_run_select,
         stage=get_run_stage,
-    script:
-        "../../scripts/select_training_data.py"
+        scores=get_scores_arg,
+    shell:
+        "{params.python:q} -m reasonlab select-training-data --log {log:q} --run {wildcards.run}"
+        " --data {input.data:q} {params.scores} --select {params.select:q} --stage {params.stage}"
+        " --selection {output.selection:q} --data-dir results/training/{wildcards.run}/data"
 
 
 rule finetune:
@@ -43,44 +47,36 @@ rule finetune:
         mem_mb=8000,
         runtime=240,
     params:
-        python=get_train_python,
-        script=SCRIPTS / "finetune.py",
+        python=python_of("train"),
         settings=get_run_settings,
     shell:
-        "{params.python:q} {params.script:q} --base {input.base:q} --data-dir"
-        " results/training/{wildcards.run}/data --template {input.template:q}"
+        "{params.python:q} -m reasonlab finetune --log {log:q} --base {input.base:q}"
+        " --data-dir results/training/{wildcards.run}/data --template {input.template:q}"
         " --output-dir {output.model:q} --yaml {output.yaml:q} --threads {threads}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        " --settings {params.settings:q}"
 
 
 rule aggregate_training:
     input:
-        outputs=expand("results/training/{run}/output", run=sorted(TRAINING)),
-        selections=expand(
-            "results/training/{run}/selection.parquet", run=sorted(TRAINING)
-        ),
-        handles=run_handles(),
+        outputs=[PLAN.run_output(r) for r in PLAN.runs()],
+        selections=expand("results/training/{run}/selection.parquet", run=PLAN.runs()),
+        handles=PLAN.run_handles(),
     output:
-        loss="results/aggregate/training_loss.parquet",
-        checkpoints="results/aggregate/training_checkpoints.parquet",
-        selection="results/aggregate/training_selection.parquet",
+        **table_paths(report_training.TABLES),
     log:
         "logs/aggregate/training.log",
     localrule: True
     conda:
-        CORE_CONDA
+        conda_env("core")
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
     params:
-        runs=sorted(TRAINING),
-    script:
-        "../../scripts/aggregate_training.py"
-
-
-if TRAINING:
-    for _name in ("loss", "checkpoints", "selection"):
-        register_report_table(
-            f"training_{_name}", getattr(rules.aggregate_training.output, _name)
-        )
+        python=python_of("core"),
+        out_dir=get_out_dir,
+        runs=PLAN.runs(),
+    shell:
+        "{params.python:q} -m reasonlab aggregate-training --log {log:q} --runs {params.runs:q}"
+        " --outputs {input.outputs:q} --selections {input.selections:q}"
+        " --handles {input.handles:q} --out-dir {params.out_dir}"

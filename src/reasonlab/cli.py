@@ -1,0 +1,464 @@
+"""The `reasonlab` command: one sub-command per workflow step (`reasonlab <step> --help`).
+
+Every rule of the workflow runs one of these, in the environment the step needs
+(`<env>/bin/python -m reasonlab <step> ...`), and a researcher can run the same step by hand, as the
+seeds' users ran `python script.py --model_paths ...`:
+
+    reasonlab score --handle results/models/tiny/final.json --texts results/data/demo-eval.parquet \\
+        --tokens out.tokens.parquet --sequences out.sequences.parquet
+
+Each sub-command only parses its arguments and calls one library function. With `--log PATH` all
+output (also of child processes) goes to that file; an input error is one line on stderr and in the
+log (`[step] error: ...`, exit status 1), never a bare traceback. Imports are deferred into each
+step, so `reasonlab --help` and the workflow's parsing stay cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+STEPS: dict[str, tuple[str, Callable, Callable]] = {}
+
+
+def step(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], object]):
+    """Declare `fn(args, log)` as sub-command `name`, whose arguments `add_arguments(parser)` adds."""
+
+    def register(fn):
+        STEPS[name] = (help, add_arguments, fn)
+        return fn
+
+    return register
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:80]!r}") from None
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _jobs(words: list[str], fields: int = 4) -> list[list[str]]:
+    """`model/ckpt/order/name` words (the planning module's job lists) as lists of parts."""
+    out = []
+    for w in words:
+        parts = w.split("/")
+        if len(parts) != fields:
+            raise SystemExit(f"a job is written model/ckpt/order/name, not {w!r}")
+        out.append(parts)
+    return out
+
+
+def _out(names, out_dir: str) -> dict[str, str]:
+    return {n: str(Path(out_dir) / f"{n}.parquet") for n in names}
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+@step(
+    "build-demo-data",
+    "write the demo's synthetic problems (pool, eval, control, pretrain)",
+    lambda p: (
+        p.add_argument("--pool", required=True),
+        p.add_argument("--eval", required=True),
+        p.add_argument("--control", required=True),
+        p.add_argument("--pretrain", required=True),
+        p.add_argument("--seed", type=int, default=0),
+        p.add_argument("--sizes", type=_json, default={}, help="DemoSizes fields (JSON)"),
+    ),
+)
+def build_demo_data(a, log):
+    from reasonlab.synth import DemoSizes, write_demo_data
+
+    out = {"pool": a.pool, "eval": a.eval, "control": a.control, "pretrain": a.pretrain}
+    counts = write_demo_data(out, seed=a.seed, sizes=DemoSizes(**a.sizes))
+    log.info("wrote demo sets: %s", counts)
+
+
+@step(
+    "build-demo-tokenizer",
+    "train the demo's byte-level BPE tokenizer on the demo texts",
+    lambda p: (
+        p.add_argument("--pool", required=True),
+        p.add_argument("--control", required=True),
+        p.add_argument("--pretrain", required=True),
+        p.add_argument("--output", required=True),
+        p.add_argument("--vocab-size", type=int, default=1024),
+    ),
+)
+def build_demo_tokenizer(a, log):
+    from reasonlab.demo import build_tokenizer
+    from reasonlab.synth import corpus_texts, read_demo_files
+
+    data = read_demo_files({"pool": a.pool, "control": a.control, "pretrain": a.pretrain})
+    size = build_tokenizer(corpus_texts(data), a.output, a.vocab_size)
+    log.info("trained a byte-level BPE tokenizer with %d tokens", size)
+
+
+@step(
+    "build-demo-model",
+    "initialise the demo's tiny Qwen2 model",
+    lambda p: (
+        p.add_argument("--tokenizer", required=True),
+        p.add_argument("--output", required=True),
+        p.add_argument("--spec", type=_json, default={}, help="TinyModelSpec fields (JSON)"),
+        p.add_argument("--seed", type=int, default=0),
+    ),
+)
+def build_demo_model(a, log):
+    from reasonlab.demo import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(**a.spec)
+    n = build_tiny_model(a.tokenizer, a.output, spec, a.seed)
+    log.info("initialised a Qwen2 model with %d parameters (%s)", n, spec)
+
+
+# ----------------------------------------------------------------------------- environments, models, data
+
+
+@step(
+    "describe-env",
+    "record the running environment's Python, packages and a test import",
+    lambda p: (
+        p.add_argument("--env", required=True, help="core, train or gen"),
+        p.add_argument("--output", required=True),
+    ),
+)
+def describe_env(a, log):
+    from reasonlab import ReasonlabError
+    from reasonlab.envinfo import describe
+
+    info = describe(a.env)
+    text = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    log.info("%s", text)
+    Path(a.output).write_text(text)
+    if not info["ok"]:
+        Path(a.output).unlink()
+        raise ReasonlabError(f"environment {a.env}: a module failed to import: {info['imports']}")
+
+
+@step(
+    "resolve-model",
+    "resolve a configured model x checkpoint to a handle (JSON)",
+    lambda p: (
+        p.add_argument("--model", required=True),
+        p.add_argument("--ckpt", required=True),
+        p.add_argument("--spec", type=_json, required=True, help="the models.<model> entry (JSON)"),
+        p.add_argument("--base", help="the base model's handle (LoRA adapters, run models)"),
+        p.add_argument("--output", required=True),
+    ),
+)
+def resolve_model(a, log):
+    from reasonlab.models import read_handle, resolve, write_handle
+
+    base = read_handle(a.base) if a.base else None
+    handle = resolve(a.model, a.ckpt, a.spec, base=base)
+    write_handle(handle, a.output)
+    log.info("%s/%s -> %s (%s)", a.model, a.ckpt, handle.location, handle.content_hash)
+
+
+@step(
+    "prepare-dataset",
+    "read any dataset source into one normalized table (+ rejects, summary)",
+    lambda p: (
+        p.add_argument("--name", required=True),
+        p.add_argument(
+            "--spec", type=_json, required=True, help="the datasets.<name> entry (JSON)"
+        ),
+        p.add_argument("--table", required=True),
+        p.add_argument("--rejects", required=True),
+        p.add_argument("--summary", required=True),
+    ),
+)
+def prepare_dataset(a, log):
+    from reasonlab.data import prepare, write_prepared
+
+    p = prepare(a.spec, a.name, progress=True)
+    if p.rejects:
+        log.warning("%d row(s) rejected; all are in %s", len(p.rejects), a.rejects)
+    write_prepared(p, a.table, a.rejects, a.summary)
+    log.info("%s: %s", a.name, p.summary)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@step(
+    "generate",
+    "generate completions of a prepared dataset's questions (gen environment)",
+    lambda p: (
+        p.add_argument("--handle", required=True),
+        p.add_argument("--data", required=True),
+        p.add_argument("--output", required=True),
+        p.add_argument("--options", type=_json, default={}, help="GenOptions fields (JSON)"),
+        p.add_argument("--speed", type=_json, default={}, help="speed-only GenOptions (JSON)"),
+        p.add_argument("--threads", type=int),
+    ),
+)
+def generate(a, log):
+    from reasonlab.generate import GenOptions, generate_dataset
+
+    _threads(a.threads)
+    generate_dataset(a.handle, a.data, a.output, GenOptions(**a.options, **a.speed))
+
+
+@step(
+    "grade",
+    "add reasoning, answer and correctness to generated completions",
+    lambda p: (
+        p.add_argument("--raw", required=True, help="the generate step's table"),
+        p.add_argument("--data", required=True, help="the prepared dataset"),
+        p.add_argument("--output", required=True),
+        p.add_argument("--format", required=True, help="the dataset's format (gsm8k, math, ...)"),
+        p.add_argument("--reasoning-start"),
+        p.add_argument("--reasoning-end"),
+    ),
+)
+def grade(a, log):
+    import polars as pl
+
+    from reasonlab.data import read_dataset
+    from reasonlab.grading import grade_table
+
+    graded = grade_table(
+        pl.read_parquet(a.raw),
+        read_dataset(a.data),
+        a.format,
+        a.reasoning_start or None,
+        a.reasoning_end or None,
+    )
+    graded.write_parquet(a.output)
+    log.info(
+        "%d completions, %d correct, %d flagged",
+        graded.height,
+        graded["correct"].sum(),
+        graded["grade_flag"].is_not_null().sum(),
+    )
+
+
+@step(
+    "aggregate-generations",
+    "accuracy, lengths and sample traces across checkpoints",
+    lambda p: (
+        p.add_argument("--jobs", nargs="*", default=[], help="model/ckpt/order/dataset per job"),
+        p.add_argument("--graded", nargs="*", default=[], help="graded tables, one per job"),
+        p.add_argument("--out-dir", required=True),
+    ),
+)
+def aggregate_generations(a, log):
+    from reasonlab.report import generate as stage
+
+    jobs = [
+        stage.GenJob(m, c, int(o), d, g)
+        for (m, c, o, d), g in zip(_jobs(a.jobs), a.graded, strict=True)
+    ]
+    stage.aggregate_generations(jobs, _out(stage.TABLES, a.out_dir))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@step(
+    "score",
+    "teacher-forced token statistics of a text set under one checkpoint",
+    lambda p: (
+        p.add_argument("--handle", required=True),
+        p.add_argument("--texts", required=True, help="a prepared dataset or graded generations"),
+        p.add_argument("--textset", default="", help="the text set's name (<dataset>[@<m>@<c>])"),
+        p.add_argument("--tokens", required=True),
+        p.add_argument("--sequences", required=True),
+        p.add_argument("--options", type=_json, default={}, help="ScoreOptions fields (JSON)"),
+        p.add_argument("--speed", type=_json, default={}, help="speed-only ScoreOptions (JSON)"),
+        p.add_argument("--prompt", default="chat", help="chat or plain"),
+        p.add_argument("--system"),
+        p.add_argument("--threads", type=int),
+    ),
+)
+def score(a, log):
+    from reasonlab.score import score_textset
+
+    score_textset(a.handle, a.texts, a.tokens, a.sequences, options={**a.options, **a.speed},
+                  prompt=a.prompt, system=a.system or None, threads=a.threads, name=a.textset)  # fmt: skip
+
+
+@step(
+    "aggregate-scores",
+    "per-checkpoint entropy and log-likelihood tables for the report",
+    lambda p: (
+        p.add_argument("--jobs", nargs="*", default=[], help="model/ckpt/order/textset per job"),
+        p.add_argument("--tokens", nargs="*", default=[], help="token tables, one per job"),
+        p.add_argument("--sequences", nargs="*", default=[], help="sequence tables, one per job"),
+        p.add_argument("--out-dir", required=True),
+        p.add_argument("--sample-prompts", type=int, default=4),
+        p.add_argument("--extremes", type=int, default=5),
+        p.add_argument("--detailed", action="store_true", help="also every token in one table"),
+    ),
+)
+def aggregate_scores(a, log):
+    from reasonlab.report import score as stage
+
+    jobs = [
+        stage.ScoreJob(m, c, int(o), t, tok, seq)
+        for (m, c, o, t), tok, seq in zip(_jobs(a.jobs), a.tokens, a.sequences, strict=True)
+    ]
+    names = stage.TABLES + (stage.OPTIONAL_TABLES if a.detailed else ())
+    stage.aggregate_scores(jobs, _out(names, a.out_dir), sample_prompts=a.sample_prompts,
+                           extremes=a.extremes, detailed=a.detailed)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@step(
+    "select-training-data",
+    "choose a run's training rows (all, high/low log-likelihood, random)",
+    lambda p: (
+        p.add_argument("--run", required=True),
+        p.add_argument("--data", required=True),
+        p.add_argument("--scores", help="the data's sequence scores under the base model"),
+        p.add_argument("--select", type=_json, required=True, help="training.<run>.select (JSON)"),
+        p.add_argument("--stage", default="sft", help="pt or sft"),
+        p.add_argument("--selection", required=True),
+        p.add_argument("--data-dir", required=True, help="where the LlamaFactory dataset goes"),
+    ),
+)
+def select_training_data(a, log):
+    import polars as pl
+
+    from reasonlab.data import read_dataset
+    from reasonlab.training import select_rows, write_llamafactory_dataset
+
+    sel = a.select
+    scores = pl.read_parquet(a.scores) if a.scores else None
+    rows = select_rows(read_dataset(a.data), scores, sel["keep"], sel.get("n"),
+                       sel.get("seed", 0), sel.get("by", "llh_mean"))  # fmt: skip
+    rows.write_parquet(a.selection)
+    n = write_llamafactory_dataset(rows.filter(pl.col("selected")), a.stage, a.data_dir)
+    log.info("run %s: %d rows selected (%s)", a.run, n, sel)
+
+
+@step(
+    "finetune",
+    "train one run with llamafactory-cli (train environment)",
+    lambda p: (
+        p.add_argument("--base", required=True, help="the base model's handle"),
+        p.add_argument("--data-dir", required=True),
+        p.add_argument("--template", required=True, help="the defaults YAML of every run"),
+        p.add_argument("--output-dir", required=True),
+        p.add_argument("--yaml", required=True, help="where the run's training YAML is written"),
+        p.add_argument("--settings", type=_json, required=True, help="the run's LlamaFactory keys"),
+        p.add_argument("--threads", type=int),
+    ),
+)
+def finetune(a, log):
+    from reasonlab.models import read_handle
+    from reasonlab.training import TrainingError, run_llamafactory, train_config
+
+    _threads(a.threads)
+    base = read_handle(a.base)
+    if base.is_adapter:
+        raise TrainingError(
+            f"training from a LoRA adapter ({base.model}/{base.ckpt}) is not supported; merge it first"
+        )
+    cfg = train_config(a.settings, base.location, a.data_dir, a.output_dir,
+                       revision=base.commit, template=a.template)  # fmt: skip
+    run_llamafactory(cfg, a.yaml)
+
+
+@step(
+    "aggregate-training",
+    "loss curves, run checkpoints and selections of every run",
+    lambda p: (
+        p.add_argument("--runs", nargs="*", default=[]),
+        p.add_argument("--outputs", nargs="*", default=[], help="each run's output directory"),
+        p.add_argument("--selections", nargs="*", default=[], help="each run's selection table"),
+        p.add_argument("--handles", nargs="*", default=[], help="handles of run checkpoints"),
+        p.add_argument("--out-dir", required=True),
+    ),
+)
+def aggregate_training(a, log):
+    from reasonlab.report import training as stage
+
+    stage.aggregate_training(
+        a.runs, a.outputs, a.selections, a.handles, _out(stage.TABLES, a.out_dir)
+    )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@step(
+    "aggregate-overview",
+    "models, datasets and environments tables for the report",
+    lambda p: (
+        p.add_argument("--handles", nargs="*", default=[]),
+        p.add_argument("--summaries", nargs="*", default=[]),
+        p.add_argument("--rejects", nargs="*", default=[]),
+        p.add_argument("--environments", nargs="*", default=[]),
+        p.add_argument("--out-dir", required=True),
+    ),
+)
+def aggregate_overview(a, log):
+    from reasonlab.report import overview as stage
+
+    stage.aggregate_overview(a.handles, a.summaries, a.rejects, a.environments,
+                             _out(stage.TABLES, a.out_dir))  # fmt: skip
+
+
+@step(
+    "report",
+    "build the self-contained HTML report from aggregated tables",
+    lambda p: (
+        p.add_argument("tables", nargs="*", help="aggregated Parquet files (named by their stem)"),
+        p.add_argument("--output", required=True),
+        p.add_argument("--title", default="reasonlab report"),
+        p.add_argument("--config-hash", default="?"),
+    ),
+)
+def report(a, log):
+    import reasonlab
+    from reasonlab.report.build import build_report
+
+    context = {"title": a.title, "config_hash": a.config_hash, "version": reasonlab.__version__}
+    built = build_report({Path(t).stem: t for t in a.tables}, context, a.output)
+    log.info("report sections: %s", built)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reasonlab",
+        description="Run one step of the reasonlab workflow (each rule runs one of these).",
+    )
+    sub = p.add_subparsers(dest="step", metavar="<step>", required=True)
+    for name, (help, add, _) in STEPS.items():
+        s = sub.add_parser(name, help=help, description=help)
+        add(s)
+        s.add_argument("--log", help="write all output to this file (errors also to stderr)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from reasonlab.logs import job_log
+
+    a = parser().parse_args(argv)
+    _, _, fn = STEPS[a.step]
+    with job_log(a.log, a.step) as log:
+        fn(a, log)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

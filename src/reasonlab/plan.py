@@ -1,0 +1,310 @@
+"""Planning: which jobs a validated config asks for, and what each job receives.
+
+The workflow's rule files are Snakemake glue; everything they decide — the jobs of every stage,
+each job's inputs, the options a job receives as params (the ones that change results) and on its
+command line only (the ones that change speed), output paths — comes from a `Plan` built once from
+the validated config. Pure Python over the config dict: cheap at parse time (no torch, no file
+reads beyond what a local source's existence needs), and unit-tested without Snakemake.
+
+Re-run hygiene (see the README's "Re-runs"): every value handed to Snakemake as a param is built
+from config with its mappings' keys sorted (`canonical`), job lists come in a canonical order
+(models and text sets by name, checkpoints as listed), and a per-checkpoint job never receives
+another checkpoint's settings, so adding a checkpoint, a model or a dataset plans only its own jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from reasonlab import options, textsets
+from reasonlab.data import is_local
+from reasonlab.generate import GenOptions
+from reasonlab.models import local_path
+from reasonlab.report import generate as report_generate
+from reasonlab.report import overview as report_overview
+from reasonlab.report import score as report_score
+from reasonlab.report import training as report_training
+from reasonlab.score import ScoreOptions
+
+ENVIRONMENTS = ("core", "train", "gen")
+AGGREGATE_DIR = "results/aggregate"
+WILDCARDS = {
+    "model": textsets.NAME,
+    "ckpt": textsets.NAME,
+    "dataset": textsets.NAME,
+    "run": textsets.NAME,
+    "textset": textsets.TEXTSET,
+    "env": "|".join(ENVIRONMENTS),
+}
+
+
+def canonical(obj: Any) -> Any:
+    """`obj` with every mapping's keys sorted, recursively. Snakemake compares a rule's params by
+    their repr, so params built from config must not depend on the order keys are written in."""
+    if isinstance(obj, dict):
+        return {k: canonical(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list | tuple):
+        return [canonical(v) for v in obj]
+    return obj
+
+
+def as_json(obj: Any) -> str:
+    """A config value as canonical JSON (one shell argument; equal values give equal strings)."""
+    return json.dumps(canonical(obj), sort_keys=True)
+
+
+def table_paths(names: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """Aggregated table name -> its Parquet file (`results/aggregate/<name>.parquet`)."""
+    return {n: f"{AGGREGATE_DIR}/{n}.parquet" for n in names}
+
+
+def results_config(config: dict) -> dict:
+    """The config without the options that change only speed (what the report's config hash covers)."""
+    out = dict(config)
+    for section, cls in (("score", ScoreOptions), ("generation", GenOptions)):
+        drop = set(options.speed_fields(cls)) | {"threads"}
+        out[section] = {k: v for k, v in config[section].items() if k not in drop}
+    return out
+
+
+@dataclass(frozen=True)
+class GenTask:
+    model: str
+    ckpt: str
+    dataset: str
+
+
+@dataclass(frozen=True)
+class ScoreTask:
+    model: str
+    ckpt: str
+    textset: str
+
+
+class Plan:
+    """The jobs and per-job values of a validated config (`reasonlab.config.validate`'s output)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.models: dict = config["models"]
+        self.datasets: dict = config["datasets"]
+        self.training: dict = config["training"]
+        self.generation: dict = config["generation"]
+        self.score: dict = config["score"]
+
+    # ------------------------------------------------------------------ models and handles
+
+    def checkpoints(self, model: str) -> list[str]:
+        """A model's analysed checkpoints, in config order."""
+        return list(self.models[model]["checkpoints"])
+
+    def order(self, model: str, ckpt: str) -> int:
+        """A checkpoint's position in its model's list (the x order of charts over checkpoints)."""
+        return self.checkpoints(model).index(ckpt)
+
+    @staticmethod
+    def handle(model: str, ckpt: str) -> str:
+        return f"results/models/{model}/{ckpt}.json"
+
+    def handles(self) -> list[str]:
+        return [self.handle(m, c) for m in self.models for c in self.checkpoints(m)]
+
+    def split_ref(self, ref: str) -> tuple[str, str]:
+        """'<model>' or '<model>/<ckpt>' -> (model, ckpt), the model's first checkpoint by default."""
+        m, _, c = ref.partition("/")
+        return m, c or self.checkpoints(m)[0]
+
+    def base_of(self, model: str) -> tuple[str, str] | None:
+        """(model, ckpt) a LoRA adapter entry adapts or a run's model starts from, or None."""
+        spec = self.models[model]
+        if "run" in spec:
+            return self.split_ref(self.training[spec["run"]]["base"])
+        return self.split_ref(spec["base"]) if spec.get("base") else None
+
+    def model_spec(self, model: str, ckpt: str) -> dict:
+        """The model's config entry with only this checkpoint (adding one re-runs nothing else)."""
+        spec = dict(self.models[model])
+        spec["checkpoints"] = {ckpt: spec["checkpoints"][ckpt]}
+        if "run" in spec:
+            spec["run_output"] = self.run_output(spec["run"])
+        return canonical(spec)
+
+    def model_inputs(self, model: str, ckpt: str) -> dict[str, str]:
+        """The local weights directory (so the rule that builds it runs first) and the base handle."""
+        spec = self.models[model]
+        local = self.run_output(spec["run"]) if "run" in spec else local_path(spec, ckpt)
+        inputs = {}
+        if local is not None and (
+            local.startswith("results/") or Path(local).expanduser().exists()
+        ):
+            inputs["weights"] = local
+        base = self.base_of(model)
+        if base:
+            inputs["base"] = self.handle(*base)
+        return inputs
+
+    # ------------------------------------------------------------------ datasets
+
+    def dataset_spec(self, dataset: str) -> dict:
+        return canonical(self.datasets[dataset])
+
+    def dataset_inputs(self, dataset: str) -> dict[str, str]:
+        """The source file when it is local, so that rules producing it (the demo) run first."""
+        source = self.datasets[dataset]["source"]
+        return {"source": source} if is_local(source) else {}
+
+    @staticmethod
+    def dataset_table(dataset: str) -> str:
+        return f"results/data/{dataset}.parquet"
+
+    # ------------------------------------------------------------------ training runs
+
+    @staticmethod
+    def run_output(run: str) -> str:
+        return f"results/training/{run}/output"
+
+    def runs(self) -> list[str]:
+        return sorted(self.training)
+
+    def run_handles(self) -> list[str]:
+        """The handles of every analysed checkpoint of every training run."""
+        return [
+            self.handle(m, c)
+            for m, spec in self.models.items()
+            if "run" in spec
+            for c in self.checkpoints(m)
+        ]
+
+    def run_base_handle(self, run: str) -> str:
+        return self.handle(*self.split_ref(self.training[run]["base"]))
+
+    def selection_inputs(self, run: str) -> dict[str, str]:
+        """The run's dataset, and its scores under the base model when rows are chosen by score."""
+        spec = self.training[run]
+        inputs = {"data": self.dataset_table(spec["data"])}
+        if spec["select"]["keep"] in ("high", "low"):
+            m, c = self.split_ref(spec["base"])
+            inputs["scores"] = self.score_output(m, c, spec["data"], "sequences")
+        return inputs
+
+    def run_settings(self, run: str) -> str:
+        """The run's LlamaFactory settings as JSON (run-scoped: editing one run re-runs only it)."""
+        return as_json(self.training[run]["llamafactory"])
+
+    def run_stage(self, run: str) -> str:
+        return self.training[run]["llamafactory"].get("stage", "sft")
+
+    def run_select(self, run: str) -> str:
+        return as_json(self.training[run]["select"])
+
+    def run_threads(self, run: str) -> int:
+        return self.training[run]["threads"]
+
+    # ------------------------------------------------------------------ generation
+
+    @cached_property
+    def gen_jobs(self) -> list[GenTask]:
+        return [
+            GenTask(m, c, d)
+            for m in sorted(self.generation["models"] or self.models)
+            for c in self.checkpoints(m)
+            for d in sorted(self.generation["datasets"])
+        ]
+
+    @staticmethod
+    def gen_output(model: str, ckpt: str, dataset: str) -> str:
+        """The graded generations of a job (the raw ones are beside it, `.raw.parquet`)."""
+        return f"results/generations/{model}/{ckpt}/{dataset}.parquet"
+
+    def gen_options(self) -> tuple[str, str]:
+        """(result options, speed options) of generation as JSON: the first is a param."""
+        results, speeds = options.split(GenOptions, self.generation)
+        return as_json(results), as_json(speeds)
+
+    def gen_outputs(self) -> list[str]:
+        return [self.gen_output(j.model, j.ckpt, j.dataset) for j in self.gen_jobs]
+
+    def gen_job_args(self) -> list[str]:
+        """One `model/ckpt/order/dataset` word per job, aligned with `gen_outputs()`."""
+        return [
+            f"{j.model}/{j.ckpt}/{self.order(j.model, j.ckpt)}/{j.dataset}" for j in self.gen_jobs
+        ]
+
+    # ------------------------------------------------------------------ scoring
+
+    @cached_property
+    def score_jobs(self) -> list[ScoreTask]:
+        """Every configured text set under every scoring checkpoint, plus (with
+        `score.generations`) each generation job's completions under the checkpoint that made them."""
+        jobs = {
+            ScoreTask(m, c, t)
+            for m in self.score["models"] or self.models
+            for c in self.checkpoints(m)
+            for t in self.score["textsets"]
+        }
+        if self.score["generations"]:
+            jobs |= {
+                ScoreTask(j.model, j.ckpt, textsets.generated(j.dataset, j.model, j.ckpt))
+                for j in self.gen_jobs
+            }
+        return sorted(jobs, key=lambda j: (j.model, self.order(j.model, j.ckpt), j.textset))
+
+    def score_options(self) -> tuple[str, str]:
+        """(result options, speed options) of scoring as JSON: the first is a param."""
+        results, speeds = options.split(ScoreOptions, self.score)
+        return as_json(results), as_json(speeds)
+
+    @staticmethod
+    def score_output(model: str, ckpt: str, textset: str, kind: str) -> str:
+        """`kind`: tokens or sequences."""
+        return f"results/scores/{model}/{ckpt}/{textset}.{kind}.parquet"
+
+    def score_outputs(self, kind: str) -> list[str]:
+        return [self.score_output(j.model, j.ckpt, j.textset, kind) for j in self.score_jobs]
+
+    def score_job_args(self) -> list[str]:
+        """One `model/ckpt/order/textset` word per job, aligned with `score_outputs(...)`."""
+        return [
+            f"{j.model}/{j.ckpt}/{self.order(j.model, j.ckpt)}/{j.textset}" for j in self.score_jobs
+        ]
+
+    def textset_input(self, textset: str) -> str:
+        """A dataset's prepared table, or the graded generations a generated text set names."""
+        t = textsets.parse(textset)
+        if t.generated:
+            return self.gen_output(t.model, t.ckpt, t.dataset)
+        return self.dataset_table(t.dataset)
+
+    # ------------------------------------------------------------------ aggregation and report
+
+    def stages(self) -> list:
+        """The report modules whose stage has jobs, in the report's order."""
+        active = [report_overview]
+        if self.gen_jobs:
+            active.append(report_generate)
+        if self.score_jobs:
+            active.append(report_score)
+        if self.training:
+            active.append(report_training)
+        return active
+
+    def score_tables(self) -> dict[str, str]:
+        names = list(report_score.TABLES)
+        if self.score["detailed_tokens"]:
+            names += list(report_score.OPTIONAL_TABLES)
+        return table_paths(names)
+
+    def report_tables(self) -> dict[str, str]:
+        """Every aggregated table the report reads: name -> Parquet path."""
+        tables = {}
+        for stage in self.stages():
+            tables.update(table_paths(stage.TABLES))
+        return tables
+
+    @staticmethod
+    def final_outputs() -> list[str]:
+        return ["results/report.html"]

@@ -1,0 +1,235 @@
+"""The planning module: job lists, what each job receives, and re-run hygiene, without Snakemake."""
+
+import copy
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reasonlab import options, textsets
+from reasonlab.config import config_hash, validate
+from reasonlab.generate import GenOptions
+from reasonlab.plan import Plan, as_json, canonical, results_config, table_paths
+from reasonlab.report import generate as report_generate
+from reasonlab.report import overview as report_overview
+from reasonlab.report import score as report_score
+from reasonlab.report import training as report_training
+from reasonlab.score import ScoreOptions
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def plan_of(edit=None) -> Plan:
+    cfg = copy.deepcopy(DEMO)
+    if edit:
+        edit(cfg)
+    return Plan(validate(cfg))
+
+
+def every_job_value(p: Plan) -> dict:
+    """Every value the workflow hands to a job of the plan, keyed by job."""
+    out = {}
+    for m in p.models:
+        for c in p.checkpoints(m):
+            out[("resolve", m, c)] = (p.model_spec(m, c), p.model_inputs(m, c))
+    for d in p.datasets:
+        out[("prepare", d)] = (p.dataset_spec(d), p.dataset_inputs(d))
+    for r in p.training:
+        out[("train", r)] = (p.run_settings(r), p.run_select(r), p.selection_inputs(r))
+    for j in p.gen_jobs:
+        out[("generate", *dataclasses.astuple(j))] = p.gen_options()[0]
+    for j in p.score_jobs:
+        out[("score", *dataclasses.astuple(j))] = (p.score_options()[0], p.textset_input(j.textset))
+    return out
+
+
+def test_demo_jobs():
+    p = plan_of()
+    ckpts = DEMO["models"]["tiny"]["checkpoints"]
+    assert [(j.model, j.ckpt, j.dataset) for j in p.gen_jobs] == [
+        ("tiny", c, "demo-eval") for c in ckpts
+    ]
+    # every model x checkpoint x configured text set, plus each generation job's own generations
+    n_ckpts = sum(len(s["checkpoints"]) for s in DEMO["models"].values())
+    assert len(p.score_jobs) == n_ckpts * len(DEMO["score"]["textsets"]) + len(p.gen_jobs)
+    own = [j for j in p.score_jobs if textsets.parse(j.textset).generated]
+    assert {(j.model, j.ckpt, j.textset) for j in own} == {
+        ("tiny", c, f"demo-eval@tiny@{c}") for c in ckpts
+    }
+    # canonical order: models by name, checkpoints as listed, text sets by name
+    keys = [(j.model, p.order(j.model, j.ckpt), j.textset) for j in p.score_jobs]
+    assert keys == sorted(keys)
+    assert len(p.score_outputs("tokens")) == len(set(p.score_outputs("tokens")))
+    words = p.score_job_args()
+    assert all(w.count("/") == 3 for w in words)
+    assert [w.split("/")[2] for w in words] == [str(p.order(j.model, j.ckpt)) for j in p.score_jobs]
+
+
+def test_adding_a_checkpoint_plans_only_its_jobs():
+    before = every_job_value(plan_of())
+    after = every_job_value(
+        plan_of(lambda c: c["models"]["tiny-high"]["checkpoints"].append("step-30"))
+    )
+    added = set(after) - set(before)
+    assert added == {("resolve", "tiny-high", "step-30")} | {
+        ("score", "tiny-high", "step-30", t) for t in DEMO["score"]["textsets"]
+    }
+    assert all(after[k] == before[k] for k in before), "an existing job's values changed"
+
+
+def test_key_order_changes_no_value():
+    def reorder(cfg):
+        for section in ("models", "datasets", "training", "generation", "score"):
+            cfg[section] = dict(reversed(list(cfg[section].items())))
+        for spec in cfg["training"].values():
+            spec["llamafactory"] = dict(reversed(list(spec["llamafactory"].items())))
+
+    assert every_job_value(plan_of(reorder)) == every_job_value(plan_of())
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("score", "token_budget", 8192),
+        ("score", "max_batch", 7),
+        ("score", "compile", True),
+        ("score", "threads", 8),
+        ("generation", "batch_size", 3),
+        ("generation", "kv_cache_gib", 9),
+        ("generation", "threads", 8),
+    ],
+)
+def test_speed_settings_change_no_job_value(section, key, value):
+    def edit(cfg):
+        cfg[section][key] = value
+
+    base, changed = plan_of(), plan_of(edit)
+    assert every_job_value(changed) == every_job_value(base)
+    assert config_hash(results_config(changed.config)) == config_hash(results_config(base.config))
+    # ... yet the job still receives the setting, on its command line
+    speed = json.loads(
+        (changed.score_options() if section == "score" else changed.gen_options())[1]
+    )
+    if key != "threads":
+        assert speed[key] == value
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("score", "scope", "all"),
+        ("score", "append_eos", True),
+        ("generation", "temperature", 0.7),
+        ("generation", "max_new_tokens", 17),
+    ],  # fmt: skip
+)
+def test_result_settings_change_their_jobs(section, key, value):
+    def edit(cfg):
+        cfg[section][key] = value
+
+    base, changed = every_job_value(plan_of()), every_job_value(plan_of(edit))
+    stage = "score" if section == "score" else "generate"
+    differ = {k for k in base if base[k] != changed[k]}
+    assert differ and {k[0] for k in differ} == {stage}
+    assert all(k[0] == stage for k in differ)
+
+
+def test_options_come_from_the_dataclasses():
+    # every option field the config has reaches the job, split by the field's declaration alone
+    for cls, section in ((ScoreOptions, "score"), (GenOptions, "generation")):
+        p = plan_of()
+        results, speed = (
+            json.loads(s)
+            for s in getattr(p, f"{'score' if section == 'score' else 'gen'}_options")()
+        )
+        fields = {f.name: options.is_speed(f) for f in dataclasses.fields(cls)}
+        in_config = set(p.config[section]) & set(fields)
+        assert set(results) | set(speed) == in_config
+        assert all(not fields[k] for k in results) and all(fields[k] for k in speed)
+        # non-fields (job selection, threads) never reach the options
+        assert not ({"datasets", "models", "textsets", "threads"} & (set(results) | set(speed)))
+    assert set(options.speed_fields(ScoreOptions)) >= {"token_budget", "max_batch", "compile"}
+    assert set(options.speed_fields(GenOptions)) == {"batch_size", "kv_cache_gib"}
+
+
+def test_split_follows_a_new_field():
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        a: int = 1
+        b: int = options.speed(2)
+
+    assert options.split(Opts, {"a": 5, "b": 6, "other": 7}) == ({"a": 5}, {"b": 6})
+
+
+def test_inputs_of_runs_and_models():
+    p = plan_of()
+    assert p.model_inputs("tiny", p.checkpoints("tiny")[0]) == {
+        "weights": "results/training/tiny-pt/output",
+        "base": "results/models/tiny-init/base.json",
+    }
+    assert p.model_inputs("tiny-init", "base") == {"weights": "results/demo/model-init"}
+    assert p.selection_inputs("sft-high") == {
+        "data": "results/data/demo-pool.parquet",
+        "scores": "results/scores/tiny/final/demo-pool.sequences.parquet",
+    }
+    assert p.selection_inputs("sft-random") == {"data": "results/data/demo-pool.parquet"}
+    assert p.run_base_handle("tiny-pt") == "results/models/tiny-init/base.json"
+    assert p.split_ref("tiny") == ("tiny", p.checkpoints("tiny")[0])
+    spec = p.model_spec("tiny", "final")
+    assert (
+        spec["checkpoints"] == {"final": None}
+        and spec["run_output"] == "results/training/tiny-pt/output"
+    )
+    assert list(spec) == sorted(spec)
+
+
+def test_textset_inputs_and_grammar():
+    p = plan_of()
+    assert p.textset_input("demo-eval") == "results/data/demo-eval.parquet"
+    assert (
+        p.textset_input("demo-eval@tiny@final")
+        == "results/generations/tiny/final/demo-eval.parquet"
+    )
+    t = textsets.parse("demo-eval@tiny@final")
+    assert (t.dataset, t.generator, str(t)) == ("demo-eval", "tiny/final", "demo-eval@tiny@final")
+    assert textsets.label("demo-eval@tiny@final", "tiny", "final") == "demo-eval@self"
+    assert textsets.label("demo-eval@tiny@final", "tiny-high", "final") == "demo-eval@tiny@final"
+    for bad in ("a@b", "a@@c", "@a@b", "a@b@c@d", "a b"):
+        with pytest.raises(ValueError):
+            textsets.parse(bad)
+    # the wildcard constraint is the same grammar
+    assert re.fullmatch(textsets.TEXTSET, "demo-eval@tiny@step-10")
+    assert not re.fullmatch(textsets.TEXTSET, "demo-eval@tiny")
+
+
+def test_report_tables_follow_the_active_stages():
+    p = plan_of()
+    tables = p.report_tables()
+    for stage in (report_overview, report_generate, report_score, report_training):
+        assert set(table_paths(stage.TABLES)) <= set(tables)
+    assert all(path == f"results/aggregate/{n}.parquet" for n, path in tables.items())
+
+    def no_training_no_generation(cfg):
+        cfg["training"] = {}
+        cfg["generation"]["datasets"] = []
+        cfg["generation"]["models"] = None
+        cfg["models"] = {"tiny-init": cfg["models"]["tiny-init"]}
+
+    q = plan_of(no_training_no_generation)
+    assert q.gen_jobs == [] and all(not textsets.parse(j.textset).generated for j in q.score_jobs)
+    names = set(q.report_tables())
+    assert names == set(report_overview.TABLES) | set(report_score.TABLES)
+    assert "score_tokens" not in p.score_tables()
+    assert (
+        "score_tokens" in plan_of(lambda c: c["score"].update(detailed_tokens=True)).score_tables()
+    )
+
+
+def test_canonical_and_json():
+    a = {"b": [{"y": 1, "x": 2}], "a": None}
+    assert list(canonical(a)) == ["a", "b"] and list(canonical(a)["b"][0]) == ["x", "y"]
+    assert as_json(a) == as_json(dict(reversed(list(a.items()))))
