@@ -226,6 +226,19 @@ def test_changing_a_generation_parameter_reruns_generation_only(scratch):
                                         "aggregate_scores": 1, "report": 1, "all": 1})  # fmt: skip
 
 
+def test_speed_settings_rerun_nothing(scratch):
+    # a user on a GPU raises batch sizes and budgets: finished jobs stay finished
+    extra = write_config(scratch, {
+        "score": {"token_budget": 8192, "max_batch": 128, "compile": True, "threads": 2},
+        "generation": {"batch_size": 64, "kv_cache_gib": 4, "threads": 2},
+    }, name="speed.yaml")  # fmt: skip
+    assert planned(scratch, "--configfile", "config.yaml", str(extra)) == Counter()
+    # ... while a setting that changes results re-runs its stage
+    extra = write_config(scratch, {"score": {"append_eos": True}}, name="eos.yaml")
+    jobs = planned(scratch, "--configfile", "config.yaml", str(extra))
+    assert jobs["score"] == N_SCORE and not jobs["generate"] and not jobs["prepare_dataset"]
+
+
 def _reordered(obj):
     """Every mapping with its keys in reverse order (lists keep theirs: their order means something)."""
     if isinstance(obj, dict):

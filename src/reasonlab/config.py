@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from reasonlab import ReasonlabError
+from reasonlab import ReasonlabError, textsets
 from reasonlab.models import folder_checkpoints
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -250,12 +250,10 @@ def _check_references(config: dict) -> None:
 
 def _generated_textset_problems(key: str, name: str, config: dict) -> list[str]:
     """A generated text set is `<dataset>@<model>@<ckpt>`: each part must be defined."""
-    parts = name.split("@")
-    if len(parts) != 3 or not all(parts):
-        return [
-            f"{key}: {name!r} is neither a dataset name nor '<dataset>@<model>@<ckpt>' (generations of a checkpoint)"
-        ]
-    dataset, model, ckpt = parts
+    try:
+        dataset, model, ckpt = textsets.parse(name)
+    except ValueError as e:
+        return [f"{key}: {e}"]
     if dataset not in config["datasets"]:
         return [f"{key}: dataset {dataset!r} of {name!r} is not defined under datasets; "
                 f"defined datasets are: {', '.join(sorted(config['datasets']))}"]  # fmt: skip
