@@ -2,10 +2,18 @@
 
 import math
 
+import polars as pl
 import pytest
 from scipy.stats import binomtest
 
-from reasonlab.grading import extract_answer, extract_reasoning, grade, normalize_number, wilson
+from reasonlab.grading import (
+    extract_answer,
+    extract_reasoning,
+    grade,
+    grade_table,
+    normalize_number,
+    wilson,
+)
 
 
 def test_reasoning_from_think_block_markers_or_whole_text():
@@ -113,3 +121,18 @@ def test_wilson_interval():
     assert lo == pytest.approx(ci.low, abs=1e-9) and hi == pytest.approx(ci.high, abs=1e-9)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == pytest.approx(1.0)
     assert all(math.isnan(x) for x in wilson(0, 0))
+
+
+def test_graded_table_carries_level_and_type():
+    raw = pl.DataFrame({"id": ["a", "b", "a"], "sample": [0, 0, 1],
+                        "completion": ["\\boxed{5}", "\\boxed{2}", "\\boxed{4}"]})  # fmt: skip
+    data = pl.DataFrame({"id": ["a", "b"], "reference": ["5", "3"], "level": ["Level 3", None],
+                         "type": ["algebra", "geometry"]})  # fmt: skip
+    g = grade_table(raw, data, "math")
+    assert g["correct"].to_list() == [True, False, False]
+    assert g["level"].to_list() == ["Level 3", None, "Level 3"]  # each completion its row's
+    assert g["type"].to_list() == ["algebra", "geometry", "algebra"]
+    # a dataset without levels or types: both columns null, the grading unchanged
+    plain = grade_table(raw, data.select("id", "reference"), "math")
+    assert plain["level"].dtype == pl.String and plain["level"].null_count() == 3
+    assert plain["type"].null_count() == 3 and plain["correct"].to_list() == g["correct"].to_list()

@@ -113,7 +113,7 @@ needs_train_env = pytest.mark.skipif(
 
 def finetune(tmp_path, base_handle, data_dir, settings):
     out = tmp_path / "output"
-    cmd = [str(TRAIN_PY), str(ROOT / "scripts/finetune.py"), "--base", str(base_handle), "--data-dir", str(data_dir),
+    cmd = [str(TRAIN_PY), "-m", "reasonlab", "finetune", "--base", str(base_handle), "--data-dir", str(data_dir),
            "--template", str(ROOT / "resources/llamafactory/train.yaml"), "--output-dir", str(out),
            "--yaml", str(tmp_path / "train.yaml"), "--settings", json.dumps(settings)]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600), out
@@ -199,6 +199,25 @@ def test_broken_llamafactory_config_fails_with_its_message(tmp_path, base_handle
     )
 
 
-def test_demo_template_is_valid_yaml():
-    cfg = yaml.safe_load((ROOT / "resources/llamafactory/train.yaml").read_text())
-    assert cfg["report_to"] == "none" and cfg["template"] == "qwen" and cfg["default_system"] == ""
+# what `llamafactory-cli train` needs to start a run: the workflow's own keys and the template's
+NEEDED = {"model_name_or_path", "dataset", "dataset_dir", "output_dir", "stage", "do_train",
+          "finetuning_type", "template", "per_device_train_batch_size", "learning_rate"}  # fmt: skip
+
+
+def test_shipped_template_with_run_settings_gives_a_complete_config(tmp_path):
+    template = yaml.safe_load((ROOT / "resources/llamafactory/train.yaml").read_text())
+    settings = {"finetuning_type": "lora", "lora_rank": 4, "learning_rate": 5e-3, "max_steps": 30}
+    cfg = train_config(settings, "/m", tmp_path / "data", tmp_path / "out", revision="abc")
+    assert set(cfg) >= NEEDED and all(cfg[k] not in (None, "") for k in NEEDED)
+    # the run's values win over the template's; the template fills in the rest
+    assert template["finetuning_type"] == "full" and cfg["finetuning_type"] == "lora"
+    assert template["learning_rate"] == 1e-4 and cfg["learning_rate"] == 5e-3
+    assert cfg["lora_rank"] == 4 and cfg["max_steps"] == 30  # keys only the run sets
+    assert cfg["cutoff_len"] == template["cutoff_len"] and cfg["stage"] == "sft"
+    assert (cfg["dataset_dir"], cfg["output_dir"]) == (
+        str(tmp_path / "data"),
+        str(tmp_path / "out"),
+    )
+    assert cfg["model_revision"] == "abc"
+    # written as run_llamafactory writes it, it reads back the same
+    assert yaml.safe_load(yaml.safe_dump(cfg, sort_keys=False)) == cfg

@@ -149,11 +149,14 @@ DEFAULT_RULES = (STRATEGIES, "math")
 
 def grade_table(raw, data, fmt: str, start: str | None = None, end: str | None = None):
     """Generations (raw) joined with their dataset rows' references, with reasoning, answer, how it
-    was found, correct and a flag for answers that could not be judged."""
+    was found, correct, a flag for answers that could not be judged, and the row's difficulty
+    `level` and sample `type` (null where the dataset has none)."""
     import polars as pl
 
     strategies, mode = FORMAT_RULES.get(fmt, DEFAULT_RULES)
     refs = dict(zip(data["id"], data["reference"], strict=True))
+    meta = {c: dict(zip(data["id"], data[c], strict=True)) if c in data.columns else {}
+            for c in CARRIED}  # fmt: skip
     rows = []
     for r in raw.select("id", "completion").iter_rows(named=True):
         reasoning, rest = extract_reasoning(r["completion"], start, end)
@@ -162,7 +165,16 @@ def grade_table(raw, data, fmt: str, start: str | None = None, end: str | None =
             answer, how = extract_answer(r["completion"], strategies)
         correct, flag = grade(answer, refs.get(r["id"]), mode)
         rows.append({"reasoning": reasoning, "answer": answer, "answer_strategy": how,
-                     "reference": refs.get(r["id"]), "correct": correct, "grade_flag": flag})  # fmt: skip
+                     "reference": refs.get(r["id"]), "correct": correct, "grade_flag": flag}
+                    | {c: _text(meta[c].get(r["id"])) for c in CARRIED})  # fmt: skip
     extra = pl.DataFrame(rows, schema={"reasoning": pl.String, "answer": pl.String, "answer_strategy": pl.String,
-                                       "reference": pl.String, "correct": pl.Boolean, "grade_flag": pl.String})  # fmt: skip
+                                       "reference": pl.String, "correct": pl.Boolean, "grade_flag": pl.String}
+                         | {c: pl.String for c in CARRIED})  # fmt: skip
     return pl.concat([raw, extra], how="horizontal")
+
+
+CARRIED = ("level", "type")  # dataset columns a graded table carries over, for accuracy by level
+
+
+def _text(v) -> str | None:
+    return None if v is None else str(v)

@@ -6,7 +6,8 @@ model, or a seeded random n: seed 003's selection), writes them as a LlamaFactor
 `dataset_info.json`, writes the training YAML from `resources/llamafactory/train.yaml` with the
 run's settings, and runs `llamafactory-cli train` in the training environment. Every
 `checkpoint-N` the run saves is then a checkpoint `step-N` of the model that names the run
-(`models.<m>.run`), and the run's output directory is its checkpoint `final`.
+(`models.<m>.run`), and the run's output directory is its checkpoint `final` (that layout lives in
+`reasonlab.models`; the runs' aggregation and report section in `reasonlab.report.training`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from pathlib import Path
 import yaml
 
 from reasonlab import ReasonlabError
-from reasonlab.models import STEP
-from reasonlab.report import Html, section
 
 log = logging.getLogger(__name__)
 
@@ -177,108 +176,3 @@ def read_loss_curve(output_dir: str | Path, run: str):
     return pl.DataFrame(
         rows, schema_overrides={"grad_norm": pl.Float64, "learning_rate": pl.Float64}
     )
-
-
-def aggregate_training(
-    runs, outputs, selections, handles, out_loss, out_checkpoints, out_selection
-) -> None:
-    """Loss curves of every run, the step of every analysed run checkpoint, and the selections."""
-    import polars as pl
-
-    from reasonlab.models import read_handle
-
-    pl.concat(
-        [read_loss_curve(o, r) for r, o in zip(runs, outputs, strict=True)], how="diagonal_relaxed"
-    ).write_parquet(out_loss)
-    finals = {
-        r: json.loads((Path(o) / "trainer_state.json").read_text())["global_step"]
-        for r, o in zip(runs, outputs, strict=True)
-    }
-    rows = []
-    for h in map(read_handle, handles):
-        run = next(
-            r
-            for r, o in zip(runs, outputs, strict=True)
-            if Path(h.path).resolve().is_relative_to(Path(o).resolve())
-        )
-        step = finals[run] if h.ckpt == "final" else int(STEP.match(h.ckpt).group(1))
-        rows.append({"model": h.model, "ckpt": h.ckpt, "run": run, "step": step})
-    pl.DataFrame(
-        rows, schema={"model": pl.String, "ckpt": pl.String, "run": pl.String, "step": pl.Int64}
-    ).write_parquet(out_checkpoints)
-    pl.concat(
-        [
-            pl.read_parquet(s).with_columns(run=pl.lit(r))
-            for r, s in zip(runs, selections, strict=True)
-        ],
-        how="diagonal_relaxed",
-    ).write_parquet(out_selection)
-
-
-@section(
-    "training",
-    "Training runs and dynamics",
-    order=30,
-    tables=("training_loss", "training_checkpoints", "training_selection", "score_by_type"),
-)
-def training_section(tables: dict, context: dict) -> list:
-    import altair as alt
-    import polars as pl
-
-    loss, ckpts, sel, by_type = (
-        tables[k]
-        for k in ("training_loss", "training_checkpoints", "training_selection", "score_by_type")
-    )
-    blocks: list = [
-        Html(
-            "<p>LlamaFactory runs: the training loss per logged step, which rows each run trained on, and "
-            "how the log-likelihood of each text set's sample types moves over the run's checkpoints "
-            "(seed 003's dynamics).</p><h3>Training loss</h3>"
-        ),  # fmt: skip
-        alt.Chart(loss)
-        .mark_line()
-        .encode(
-            x=alt.X("step:Q"),
-            y=alt.Y("loss:Q", scale=alt.Scale(type="log")),
-            color="run:N",
-            tooltip=["run", "step", "loss", "learning_rate"],
-        )  # fmt: skip
-        .properties(width=420, height=220),
-        Html("<h3>Training data selection</h3>"),
-        sel.group_by("run", "type")
-        .agg(
-            rows=pl.len(),
-            selected=pl.col("selected").sum(),
-            mean_score=pl.col("score").mean(),
-            mean_score_selected=pl.col("score").filter(pl.col("selected")).mean(),
-        )  # fmt: skip
-        .sort("run", "type"),
-    ]
-    dyn = by_type.join(ckpts, on=["model", "ckpt"])
-    if dyn.height:
-        blocks.append(Html("<h3>Log-likelihood by sample type over training steps</h3>"))
-        blocks.append(
-            alt.Chart(dyn)
-            .mark_line(point=True)
-            .encode(
-                x=alt.X("step:Q", title="training step"),
-                y=alt.Y("avg_llh_per_token:Q", title="mean log-probability per token"),
-                color=alt.Color("type:N", title="sample type"),
-                strokeDash=alt.StrokeDash("run:N"),
-                tooltip=[
-                    "run",
-                    "model",
-                    "ckpt",
-                    "step",
-                    "textset",
-                    "type",
-                    "avg_log_likelihood",
-                    "avg_perplexity",
-                ],
-            )
-            .properties(width=300, height=220)
-            .facet(column=alt.Column("textset:N", title=None))
-        )
-        blocks.append(dyn.select("run", "model", "ckpt", "step", "textset", "type", "n_texts", "avg_log_likelihood",
-                                 "avg_llh_per_token", "avg_perplexity").sort("run", "textset", "type", "step"))  # fmt: skip
-    return blocks

@@ -1,13 +1,20 @@
-"""Aggregations of score tables, checked against direct computations on hand-made tables."""
+"""The score stage's aggregation, checked against direct computations on hand-made tables, and its
+report section on empty, all-null and all-empty-generation tables."""
+
+import math
 
 import polars as pl
 import pytest
 
-from reasonlab.score_summary import ScoreJob, aggregate_scores, textset_label
+from reasonlab.report import score
+from reasonlab.report.html import render
+from reasonlab.report.score import ScoreJob, aggregate_scores, textset_label
 
-OUT_KEYS = (
-    "sequences", "checkpoints", "entropy_hist", "steps", "extremes", "by_type", "agreement", "tokens",
-)  # fmt: skip
+OUT_KEYS = score.TABLES + score.OPTIONAL_TABLES
+
+
+def short(name: str) -> str:
+    return name.removeprefix("score_")
 
 
 def write_job(tmp_path, ckpt, order, entropies, textset="set", gen_shift=None):
@@ -51,7 +58,7 @@ def aggregated(tmp_path):
     ]
     out = {k: tmp_path / f"agg_{k}.parquet" for k in OUT_KEYS}
     aggregate_scores(jobs, out, sample_prompts=1, extremes=2, detailed=True)
-    return {k: pl.read_parquet(v) for k, v in out.items()}
+    return {short(k): pl.read_parquet(v) for k, v in out.items()}
 
 
 def test_per_checkpoint_statistics(aggregated):
@@ -106,10 +113,12 @@ def test_detailed_tokens_only_on_request(aggregated, tmp_path):
         "final",
     }
     job = write_job(tmp_path, "base", 0, {"a": [1.0], "b": [2.0]})
-    out = {k: tmp_path / f"x_{k}.parquet" for k in OUT_KEYS[:-1]}
+    out = {k: tmp_path / f"x_{k}.parquet" for k in score.TABLES}
     aggregate_scores([job], out, detailed=False)
-    assert not (tmp_path / "x_tokens.parquet").exists()
-    assert pl.read_parquet(out["agreement"]).height == 0  # no generated text set: an empty table
+    assert not (tmp_path / "x_score_tokens.parquet").exists()
+    assert pl.read_parquet(out["score_agreement"]).height == 0  # no generated set: an empty table
+    with pytest.raises(KeyError, match="no output path for table.*score_tokens"):
+        aggregate_scores([job], out, detailed=True)
 
 
 def test_textset_labels():
@@ -128,13 +137,80 @@ def test_agreement_of_own_generations_only(tmp_path):
     )
     cross = write_job(tmp_path, "base", 0, {"a": [1.0, 2.0, 3.0], "b": [4.0, 5.0]}, "ev@m@final",
                       lambda *_: 1.0)  # fmt: skip
-    out = {k: tmp_path / f"g_{k}.parquet" for k in OUT_KEYS[:-1]}
+    out = {k: tmp_path / f"g_{k}.parquet" for k in score.TABLES}
     aggregate_scores([cross, own], out)
-    agree = pl.read_parquet(out["agreement"])
+    agree = pl.read_parquet(out["score_agreement"])
     assert agree["ckpt"].to_list() == ["final"] and agree["textset"].to_list() == ["ev@self"]
     row = agree.row(0, named=True)
     assert row["n_compared"] == 5 and row["max_abs_diff"] == pytest.approx(0.004)
     assert row["mean_abs_diff"] == pytest.approx((0.004 + 2e-4 + 3e-6) / 5)
     assert row["within_tolerance"] == pytest.approx(4 / 5)
-    seqs = pl.read_parquet(out["sequences"])
+    seqs = pl.read_parquet(out["score_sequences"])
     assert set(seqs["textset"]) == {"ev@self", "ev@m@final"}
+
+
+def all_null(df: pl.DataFrame, rows: int = 3) -> pl.DataFrame:
+    """A table of `df`'s columns and types whose every value is null."""
+    return pl.DataFrame({c: pl.Series(c, [None] * rows, dtype=t) for c, t in df.schema.items()})
+
+
+def rendered(blocks) -> str:
+    return render([(score.KEY, score.TITLE, blocks)], "t")
+
+
+def test_generations_with_only_empty_completions_render(tmp_path):
+    """A generation job whose completions are all empty: its own-generations text set has no
+    completion token, so no log-probability is compared (the report used to fail formatting the
+    largest difference, None, with a TypeError)."""
+    tokens = pl.DataFrame(
+        {"id": ["a", "b"], "position": [0, 0], "token": ["<p>", "<p>"], "logprob": [-1.0, -1.0],
+         "prob": [0.4, 0.4], "entropy": [1.0, 1.0], "varentropy": [0.1, 0.1], "rank": [1, 1],
+         "top1_token": ["t", "t"], "is_prompt": [True, True], "gen_logprob": [None, None]},
+        schema_overrides={"gen_logprob": pl.Float64},
+    )  # fmt: skip
+    nulls = {"llh_sum": None, "llh_mean": None, "perplexity": None, "entropy_mean": None}
+    seqs = pl.DataFrame(
+        [{"id": i, "n_tokens": 0, "type": "incorrect"} | nulls for i in ("a", "b")],
+        schema_overrides=dict.fromkeys(nulls, pl.Float64),
+    )
+    tokens.write_parquet(tmp_path / "t.parquet")
+    seqs.write_parquet(tmp_path / "s.parquet")
+    out = {k: tmp_path / f"{k}.parquet" for k in score.TABLES}
+    job = ScoreJob("m", "final", 1, "ev@m@final", tmp_path / "t.parquet", tmp_path / "s.parquet")
+    aggregate_scores([job], out)
+    tables = {k: pl.read_parquet(v) for k, v in out.items()}
+    row = tables["score_agreement"].row(0, named=True)
+    assert (row["n_tokens"], row["n_compared"], row["max_abs_diff"]) == (0, 0, None)
+    doc = rendered(score.section(tables, {}))
+    assert "No token could be compared" in doc
+    assert "Nothing to show: no completion token was scored" in doc
+
+
+def test_section_on_empty_tables_is_a_note(aggregated):
+    tables = {k: aggregated[short(k)].clear() for k in score.TABLES}
+    blocks = score.section(tables, {})
+    doc = rendered(blocks)
+    assert len(blocks) == 1 and "Nothing to show" in doc and "const charts" not in doc
+
+
+def test_section_on_all_null_tables_is_a_note(aggregated):
+    tables = {k: all_null(aggregated[short(k)]) for k in score.TABLES}
+    doc = rendered(score.section(tables, {}))
+    assert "Nothing to show" in doc and "const charts" not in doc
+
+
+def test_section_draws_the_aggregated_values(aggregated):
+    tables = {k: aggregated[short(k)] for k in score.TABLES}
+    blocks = score.section(tables, {})
+    specs = {s.spec["title"]["text"]: s.spec for s in blocks if hasattr(s, "spec")}
+    hist = specs["Token entropy distribution"]
+    counts = {}
+    for r in hist["datasets"][hist["data"]["name"]]:
+        counts[r["ckpt"]] = counts.get(r["ckpt"], 0) + r["count"]
+    assert counts == {"base": 5, "final": 5}  # every completion token of each checkpoint, once
+    ent = specs["Mean token entropy (bars: 10th–90th percentile)"]
+    drawn = {r["ckpt"]: r["entropy_mean"] for r in ent["datasets"][ent["data"]["name"]]}
+    assert drawn == pytest.approx(
+        {"base": (4 + 3 + 2 + 5 + 1) / 5, "final": (0.5 + 0.2 + 0.1 + 0.4 + 0.3) / 5}
+    )
+    assert not any(math.isnan(v) for v in drawn.values())
