@@ -206,3 +206,25 @@ def test_job_log_captures_child_processes(tmp_path, fd_write):
     text = log.read_text()
     assert "from python" in text and "child out" in text and "child err" in text
     assert ("from fd 1" in text) == fd_write
+
+
+def test_every_planned_command_parses(tmp_path):
+    """Each shell command a dry run of the demo prints is a valid `reasonlab` invocation."""
+    import shlex
+    import shutil
+
+    from reasonlab.cli import parser
+
+    shutil.copy(ROOT / "config.yaml", tmp_path / "config.yaml")
+    r = run(BIN / "snakemake", "-s", ROOT / "Snakefile", "-d", tmp_path, "-n", "-p", "-c2",
+            "results/report.html")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    prefix = "Shell command: "
+    lines = (r.stdout + r.stderr).splitlines()
+    commands = [shlex.split(x.removeprefix(prefix)) for x in lines if x.startswith(prefix)]
+    steps = {c[3] for c in commands}
+    assert {"score", "generate", "finetune", "report", "aggregate-scores"} <= steps
+    for c in commands:
+        assert c[1:3] == ["-m", "reasonlab"]
+        args = parser().parse_args(c[3:])  # exits (fails the test) on an argument it rejects
+        assert args.log and args.log.startswith("logs/"), c

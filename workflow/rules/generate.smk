@@ -49,7 +49,7 @@ rule grade:
     shell:
         "{params.python:q} -m reasonlab grade --log {log:q} --raw {input.raw:q}"
         " --data {input.data:q} --output {output.graded:q} --format {params.format}"
-        " --reasoning-start {params.start:q} --reasoning-end {params.end:q}"
+        " --reasoning-start={params.start:q} --reasoning-end={params.end:q}"
 
 
 rule aggregate_generations:

@@ -28,7 +28,7 @@ rule score:
         "{params.python:q} -m reasonlab score --log {log:q} --handle {input.handle:q}"
         " --texts {input.texts:q} --textset {wildcards.textset:q} --tokens {output.tokens:q}"
         " --sequences {output.sequences:q} --options {params.options:q} --speed {params.speed:q}"
-        " --prompt {params.prompt:q} --system {params.system:q} --threads {threads}"
+        " --prompt {params.prompt:q} --system={params.system:q} --threads {threads}"
 
 
 rule aggregate_scores:
