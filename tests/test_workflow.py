@@ -382,7 +382,7 @@ def test_generations_are_graded(demo):
     assert "Generation and accuracy" in (demo / "results/report.html").read_text()
 
 
-def test_own_generations_are_scored_on_vllms_tokens(demo):
+def test_own_generations_are_scored_on_the_generators_tokens(demo):
     g = pl.read_parquet(demo / "results/generations/tiny/final/demo-eval.parquet")
     t = pl.read_parquet(demo / "results/scores/tiny/final/demo-eval@tiny@final.tokens.parquet")
     s = pl.read_parquet(demo / "results/scores/tiny/final/demo-eval@tiny@final.sequences.parquet")
@@ -390,10 +390,10 @@ def test_own_generations_are_scored_on_vllms_tokens(demo):
     worst = 0.0
     for r in g.iter_rows(named=True):
         mine = t.filter(pl.col("id") == r["id"]).sort("position")
-        assert mine["token_id"].to_list() == r["token_ids"]  # exactly the tokens vLLM sampled
+        assert mine["token_id"].to_list() == r["token_ids"]  # exactly the tokens sampled
         diffs = [abs(a - b) for a, b in zip(mine["logprob"], r["token_logprobs"], strict=True)]
         worst = max([worst, *diffs])
-    assert worst <= 1e-3  # vLLM (float32) and the scorer agree on every sampled token
+    assert worst <= 1e-3  # the generator (float32) and the scorer agree on every sampled token
     types = set(s["type"])
     assert (
         types <= {"correct", "incorrect"}
@@ -406,3 +406,29 @@ def test_own_generations_are_scored_on_vllms_tokens(demo):
         agree["n_compared"] == agree["n_tokens"]
     ).all()
     assert "Generator vs scorer log-probabilities" in (demo / "results/report.html").read_text()
+
+
+def test_vllm_generates_the_same_tokens_and_agrees_with_the_scorer(scratch):
+    """The demo generates with transformers (faster on a CPU); vLLM, the engine on a cluster, must
+    give the same greedy tokens, and its log-probabilities must agree with the scorer's."""
+    target = "results/generations/tiny/final/demo-eval.parquet"
+    own = "results/scores/tiny/final/demo-eval@tiny@final.tokens.parquet"
+    before = pl.read_parquet(scratch / target)
+    extra = write_config(scratch, {"generation": {"backend": "vllm"}}, name="vllm.yaml")
+    args = ("--configfile", "config.yaml", str(extra))
+    snakemake(scratch, *args, target, own)
+    g = pl.read_parquet(scratch / target)
+    assert g["backend"].unique().to_list() == ["vllm"]
+    if DEMO["generation"]["backend"] != "vllm":
+        assert before["backend"].unique().to_list() == [DEMO["generation"]["backend"]]
+    assert g["id"].to_list() == before["id"].to_list()
+    assert g["token_ids"].to_list() == before["token_ids"].to_list()  # greedy: the same tokens
+    assert g["correct"].to_list() == before["correct"].to_list()
+    t = pl.read_parquet(scratch / own)
+    worst = 0.0
+    for r in g.iter_rows(named=True):
+        mine = t.filter(pl.col("id") == r["id"]).sort("position")
+        assert mine["token_id"].to_list() == r["token_ids"]
+        diffs = [abs(a - b) for a, b in zip(mine["logprob"], r["token_logprobs"], strict=True)]
+        worst = max([worst, *diffs])
+    assert worst <= 1e-3  # vLLM (float32) and the scorer agree on every sampled token
