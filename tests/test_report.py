@@ -5,6 +5,7 @@ aggregation."""
 import json
 import re
 
+import altair as alt
 import polars as pl
 import pytest
 import vl_convert
@@ -335,6 +336,20 @@ def test_chart_of_nothing_is_a_note():
     assert isinstance(charts.curve_chart(nulls, "v", "v", sel, title="V"), Html)
     chart = charts.checkpoint_chart(nulls.with_columns(ckpt=pl.lit("c")), "v", sel, title="V")
     assert isinstance(chart, Html)  # the only row with a value has no model
+
+
+def test_long_tables_are_drawn_whole():
+    n = 6000  # more rows than Altair's default cap of 5000
+    df = pl.DataFrame(
+        {"model": "m", "ckpt": "c", "x": list(range(n)), "y": [float(i % 7) for i in range(n)]}
+    )
+    with alt.data_transformers.enable(
+        "default", max_rows=5000
+    ):  # Altair's default, whatever ran before
+        spec = charts.curve_chart(df, "x", "y", charts.selectors("s", df), title="Y").to_dict()
+        doc = render([("s", "S", [alt.Chart(df).mark_point().encode(x="x", y="y")])], "t")
+    assert len(spec["datasets"][spec["data"]["name"]]) == n
+    assert len(next(iter(chart_specs(doc)[0]["datasets"].values()))) == n
 
 
 def test_accuracy_chart_data_matches_the_graded_rows(study):

@@ -237,6 +237,15 @@ def run_positions(df):
     return df.join(pos, on=["model", "ckpt"], how="left")
 
 
+def _spec(chart) -> dict:
+    """The Altair chart's Vega-Lite spec with all its data inline (aggregated tables can be long:
+    no row cap)."""
+    import altair as alt
+
+    with alt.data_transformers.disable_max_rows():
+        return chart.to_dict()
+
+
 def _filter(sel: Selectors, key: str) -> dict:
     """Keep a row when its selector says "(all)", names the row's value or, for checkpoints,
     says "(few)" and the row's checkpoint is one of them."""
@@ -250,7 +259,7 @@ def _filter(sel: Selectors, key: str) -> dict:
 def _finish(chart, sel: Selectors, keys: list[str]) -> VegaLite:
     """The chart's spec with the section's selector parameters (bound to its <select> elements)
     and their filters applied to its data first."""
-    spec = chart.to_dict()
+    spec = _spec(chart)
     params = [
         {"name": f"sel_{k}", "value": sel.default(k), "bind": {"element": "#" + sel.element(k)}}
         for k in keys
@@ -464,7 +473,7 @@ def bar_chart(
         )
         .properties(width=480, height=alt.Step(22), title=_title(title))
     )
-    return VegaLite(chart.to_dict())
+    return VegaLite(_spec(chart))
 
 
 def table(

@@ -158,16 +158,16 @@ def render(sections: list[tuple[str, str, list[Block]]], title: str, subtitle: s
     """The whole report as one HTML string: `sections` are (key, title, blocks) in order."""
     import altair as alt
 
-    # sections hand over aggregated tables, and the report must hold its data inline: no row cap
-    alt.data_transformers.disable_max_rows()
     charts: list[dict] = []
     nav, parts = [], []
-    for key, heading, blocks in sections:
-        nav.append(f'<a href="#{html.escape(key)}">{html.escape(heading)}</a>')
-        inner = "\n".join(_render_block(b, charts) for b in blocks)
-        parts.append(
-            f'<section id="{html.escape(key)}"><h2>{html.escape(heading)}</h2>\n{inner}\n</section>'
-        )
+    # sections hand over aggregated tables, and the report must hold its data inline: no row cap
+    with alt.data_transformers.disable_max_rows():
+        for key, heading, blocks in sections:
+            nav.append(f'<a href="#{html.escape(key)}">{html.escape(heading)}</a>')
+            inner = "\n".join(_render_block(b, charts) for b in blocks)
+            parts.append(
+                f'<section id="{html.escape(key)}"><h2>{html.escape(heading)}</h2>\n{inner}\n</section>'
+            )
     vl_version = "v" + ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
     script = f"<script>{SELECT_JS}</script>\n"
     if charts:
