@@ -31,11 +31,8 @@ def build_report(tables: dict[str, str | Path], context: dict, out: str | Path) 
     every model of the report in the order of its colours, defaults to the overview's models).
     Returns the keys of the sections written.
     """
-    import altair as alt
     import polars as pl
 
-    # sections hand over aggregated tables, and the report holds its data inline: no row cap
-    alt.data_transformers.disable_max_rows()
     frames = {name: pl.read_parquet(path) for name, path in tables.items()}
     if "models" in frames and "models" not in context:  # every model, for the colours of charts
         context = {**context, "models": sorted(frames["models"]["model"].drop_nulls().unique())}
