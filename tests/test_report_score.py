@@ -8,7 +8,8 @@ import pytest
 
 from reasonlab.report import score
 from reasonlab.report.html import render
-from reasonlab.report.score import ScoreJob, aggregate_scores, textset_label
+from reasonlab.report.score import ScoreJob, aggregate_scores
+from reasonlab.textsets import label as textset_label
 
 OUT_KEYS = score.TABLES + score.OPTIONAL_TABLES
 

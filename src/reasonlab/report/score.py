@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from reasonlab import textsets
 from reasonlab.report import charts
 from reasonlab.report.html import FOLD_ROWS, Html
 from reasonlab.report.tables import out_paths
@@ -103,7 +104,7 @@ def aggregate_scores(
     edges = [max_entropy * i / HIST_BINS for i in range(HIST_BINS + 1)]
     agree = []
     for j, t, s in frames:
-        label = textset_label(j.textset, j.model, j.ckpt)
+        label = textsets.label(j.textset, j.model, j.ckpt)
         tag = [
             pl.lit(j.model).alias("model"),
             pl.lit(j.ckpt).alias("ckpt"),
@@ -215,14 +216,6 @@ def _agreement_schema(tagged: bool = False) -> dict:
     }
     tags = {"model": pl.String, "ckpt": pl.String, "ckpt_order": pl.Int32, "textset": pl.String}
     return cols | tags if tagged else cols
-
-
-def textset_label(textset: str, model: str, ckpt: str) -> str:
-    """The text set's name in aggregated tables: a checkpoint's own generations
-    (`<dataset>@<model>@<ckpt>` scored under that same checkpoint) become `<dataset>@self`, so
-    they line up across checkpoints; every other name is kept."""
-    dataset, _, generator = textset.partition("@")
-    return f"{dataset}@self" if generator == f"{model}@{ckpt}" else textset
 
 
 def agreement(tokens):
