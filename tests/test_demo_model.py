@@ -18,7 +18,7 @@ def digest(directory):
 
 def test_tokenizer_round_trip_and_chat_template(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    text = "<think>\nStep 1: 7 packs of 4 apples: 7 * 4 = 28.\n</think>\nThe answer is \\boxed{28}."
+    text = "<think>\nStep 1: bought: 7 * 4 = 28.\nStep 2: kept: 28 / 2 = 14.\n</think>\nThe answer is \\boxed{14}."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert tok.convert_ids_to_tokens(ids[0]) == "<think>"  # a single token
@@ -79,6 +79,19 @@ print(json.dumps(tok(json.loads(sys.argv[2]), add_special_tokens=False)["input_i
 """
 
 
+def test_operand_words_are_single_tokens(tmp_path):
+    # the demo's problems put each operand in a word of its own kind (a number word, "half",
+    # "doubles", ...) so that the tiny model finds it by what it is; that needs one token per word
+    from transformers import AutoTokenizer
+
+    demo.build_tokenizer(synth.corpus_texts(synth.build_demo_data(0, synth.DemoSizes())), tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    words = [*synth.NUMBER_WORDS.values(), *synth.SPLITS.values(), "doubles", "triples", "dozen"]
+    for w in words:
+        ids = tok(" " + w.split()[-1], add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, (w, tok.convert_ids_to_tokens(ids))
+
+
 @pytest.mark.parametrize("env", ["train", "gen"])
 def test_every_environment_tokenizes_alike(tiny_model_dir, env):
     # transformers versions differ between environments (LlamaFactory's, vLLM's, ours); the demo
@@ -87,7 +100,8 @@ def test_every_environment_tokenizes_alike(tiny_model_dir, env):
     if not python.exists():
         pytest.skip(f"the {env} environment is not built (bash envs/setup.sh {env})")
     texts = [
-        "Step 1: 7 packs of 4 apples: 7 * 4 = 28.",
+        "Step 1: bought: 7 * 4 = 28.",
+        "Omar buys three packs of 8 buttons. Omar keeps half of them.",
         "It's 1,234 km; don't stop!\n\n  x",
         synth.chatml("sys", "Hi 12", "<think>\n</think>\nThe answer is \\boxed{5}."),
     ]

@@ -10,6 +10,17 @@ from reasonlab.answers import last_boxed
 SMALL = synth.DemoSizes(pool_per_type=12, eval=30, control=20, pretrain=60)
 STEP = re.compile(r"^Step \d+: .*: (\d+) ([-+*/]) (\d+) = (-?\d+)\.$")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+WORD_VALUES = {
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+}
+USER = re.compile(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", re.S)
 
 
 def check_arithmetic(solution: str) -> int:
@@ -28,6 +39,30 @@ def check_arithmetic(solution: str) -> int:
             assert v == OPS[op](a, b), line
         value = v
     return value
+
+
+def solve(question: str) -> tuple[int, int, tuple[int, int]]:
+    """(answer, level, first-step operands) of a demo question, read from its words alone.
+
+    The design's promise: one numeral and one number word; "finds ... more" adds them, otherwise
+    they multiply; "keeps half/a third of" splits; "doubles", "triples", "a dozen more" grow.
+    """
+    numerals = re.findall(r"\b\d+\b", question)
+    words = [w for w in re.findall(r"[a-z]+", question) if w in WORD_VALUES]
+    assert len(numerals) == 1 and len(words) == 1, question
+    a, b = int(numerals[0]), WORD_VALUES[words[0]]
+    value, level = (a + b if " finds " in question else a * b), 1
+    split = re.search(r" keeps (half|a third) of ", question)
+    if split:
+        k = 2 if split.group(1) == "half" else 3
+        assert value % k == 0, question
+        value, level = value // k, 2
+    growths = [g for g in ("doubles", "triples", "a dozen more") if g in question]
+    if growths:
+        assert split and len(growths) == 1, question
+        value = {"doubles": value * 2, "triples": value * 3, "a dozen more": value + 12}[growths[0]]
+        level = 3
+    return value, level, (a, b)
 
 
 def test_same_seed_same_data_other_seed_other_data():
@@ -58,6 +93,39 @@ def test_eval_solutions_are_correct_and_levels_match_steps():
         templates.add(row["type"])
     assert levels == {"Level 1", "Level 2", "Level 3"}
     assert templates == set(synth.TEMPLATES)
+
+
+def test_answers_follow_from_the_question_words_alone():
+    d = synth.build_demo_data(0, SMALL)
+    rows = [(r["problem"], r["answer"], r["level"], r["solution"]) for r in d["eval"]]
+    rows += [(r["input"], r["answer"], None, r["output"]) for r in d["pool"]]
+    for text in (r["text"] for r in d["pretrain"] if "<think>" in r["text"]):
+        question = USER.search(text).group(1).removeprefix(synth.INSTRUCTION + "\n")
+        rows.append((question, last_boxed(text), None, text))
+    for question, answer, level, sol in rows:
+        value, n_steps, operands = solve(question)
+        assert str(value) == answer, question
+        if level is not None:
+            assert level == f"Level {n_steps}"
+        first = re.search(r"^Step 1: .*$", sol, re.M)  # canonical or wrong (the slip keeps them)
+        if first:
+            a, _, b, _ = STEP.match(first.group()).groups()
+            assert sorted((int(a), int(b))) == sorted(operands), (question, sol)
+
+
+def test_default_demo_sizes_levels_and_prompt_forms():
+    d = synth.build_demo_data(0, synth.DemoSizes())
+    levels = [r["level"] for r in d["eval"]]
+    assert len(levels) >= 150
+    assert all(levels.count(f"Level {k}") >= 45 for k in (1, 2, 3))
+    # levels 2-3 keep at least two arithmetic steps
+    assert all(r["solution"].count("\nStep ") >= 2 for r in d["eval"] if r["level"] != "Level 1")
+    problems = [r["text"] for r in d["pretrain"] if "<think>" in r["text"]]
+    with_instruction = [t for t in problems if synth.INSTRUCTION in t]
+    assert len(problems) == 3000 and len(with_instruction) == 1500
+    # the other half asks as the eval set does: the chat prompt of the question alone
+    eval_like = synth.chatml(None, d["eval"][0]["problem"]).split("\n", 1)[0]
+    assert all(t.startswith(eval_like) for t in problems)
 
 
 def test_pool_styles():

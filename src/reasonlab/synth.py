@@ -1,10 +1,20 @@
 """Seeded synthetic reasoning data for the embedded demo.
 
-Multi-step arithmetic word problems from several story templates at difficulty levels 1–3 (the
-number of arithmetic steps), each with a step-by-step solution in ``<think>…</think>`` followed by
+Arithmetic word problems from several story templates at difficulty levels 1–3 (the number of
+arithmetic steps), each with a step-by-step solution in ``<think>…</think>`` followed by
 ``\\boxed{answer}`` and a known integer answer. From them: a training pool whose rows carry a sample
 ``type`` (seed 003's pool), an evaluation set in MATH format, control prompts that need no reasoning
 (seed 001's contrasts) and a pre-training corpus. Everything is a pure function of the seed.
+
+The problems are built so that a ~1M-parameter model learns them in about two CPU minutes of
+pre-training: small numbers (a numeral 2–9 times a number word two–five, or plus two–nine; then
+keep half or a third; then double, triple or add a dozen), one short line per step, and operands
+that a small model finds by what they are rather than where they are — each question has one
+numeral, one number word, at level 2+ one split word (``half``, ``a third``) and at level 3 one
+growth word (``doubles``, ``triples``, ``a dozen more``). Earlier templates, whose steps took up to
+three numerals from the question by position and did two-digit arithmetic, stayed at 5–19 %
+accuracy within the same budget. Half of the pre-training texts carry the pool's instruction, the
+other half ask the question alone, as the evaluation set does.
 """
 
 from __future__ import annotations
@@ -23,6 +33,13 @@ NAMES = [
     "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara",
 ]  # fmt: skip
 ITEMS = ["pencils", "apples", "stickers", "marbles", "cards", "shells", "coins", "buttons"]
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine"}  # fmt: skip
+SPLITS = {2: "half", 3: "a third"}  # level 2: keep 1/k of the total
+GROWTHS = (
+    ("doubles them", "*", 2),
+    ("triples them", "*", 3),
+    ("gets a dozen more", "+", 12),
+)  # level 3
 
 
 @dataclass(frozen=True)
@@ -48,133 +65,79 @@ class Problem:
         return self.steps[-1].value
 
 
-def _divisor_multiple(rng: random.Random, lo: int, hi: int, divisors: range) -> tuple[int, int]:
-    """A divisor d from `divisors` and a multiple of d in [lo, hi]."""
+def _first(rng: random.Random, level: int, add: bool = False) -> tuple[int, int, int, int | None]:
+    """(numeral, number word's value, their product or sum, the split k) for a problem's first step.
+
+    From level 2 the total must split evenly: k (2 or 3) divides it.
+    """
     while True:
-        d = rng.choice(list(divisors))
-        multiples = [m for m in range(lo, hi + 1) if m % d == 0]
-        if multiples:
-            return d, rng.choice(multiples)
+        digit, word = rng.randint(2, 9), rng.randint(2, 9 if add else 5)
+        total = digit + word if add else digit * word
+        ks = [k for k in SPLITS if total % k == 0]
+        if level < 2 or ks:
+            return digit, word, total, (rng.choice(ks) if ks else None)
+
+
+def _story(
+    rng: random.Random, template: str, level: int, opening: str, first: Step, who: str, ask: str,
+    k: int | None,
+) -> Problem:  # fmt: skip
+    """The opening sentence and first step, then level 2's split and level 3's growth, then the ask."""
+    q, steps, value = opening, [first], first.value
+    if level >= 2:
+        q += f" {who} keeps {SPLITS[k]} of them."
+        steps.append(Step("kept", f"{value} / {k}", value // k))
+        value //= k
+    if level >= 3:
+        word, op, n = rng.choice(GROWTHS)
+        q += f" Then {who} {word}."
+        steps.append(Step("now", f"{value} {op} {n}", value * n if op == "*" else value + n))
+    return Problem(template, level, f"{q} {ask}", tuple(steps))
 
 
 def _shop(rng: random.Random, level: int) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(3, 12), rng.randint(2, 9)
-    total = a * b
-    q = f"A pack holds {a} {item}. {name} buys {b} packs."
-    steps = [Step(f"{b} packs of {a} {item}", f"{b} * {a}", total)]
-    if level >= 2:
-        if level >= 3:
-            d, rest = _divisor_multiple(rng, 1, total - 1, range(2, 6))
-            c = total - rest
-        else:
-            c = rng.randint(1, total - 1)
-            rest = total - c
-        q += f" {name} gives {c} {item} to a neighbour."
-        steps.append(Step(f"{item} left after giving {c} away", f"{total} - {c}", rest))
-        if level >= 3:
-            q += f" {name} shares the rest equally among {d} friends. How many {item} does each friend get?"
-            steps.append(Step("each friend's share", f"{rest} / {d}", rest // d))
-        else:
-            q += f" How many {item} does {name} have left?"
-    else:
-        q += f" How many {item} does {name} have?"
-    return Problem("shop", level, q, tuple(steps))
+    d, w, total, k = _first(rng, level)
+    opening = f"{name} buys {NUMBER_WORDS[w]} packs of {d} {item}."
+    ask = f"How many {item} does {name} have?"
+    return _story(rng, "shop", level, opening, Step("bought", f"{w} * {d}", total), name, ask, k)
 
 
 def _savings(rng: random.Random, level: int) -> Problem:
     name = rng.choice(NAMES)
-    a, b = rng.randint(2, 15), rng.randint(2, 10)
-    total = a * b
-    q = f"{name} saves {a} dollars every week for {b} weeks."
-    steps = [Step(f"savings after {b} weeks", f"{a} * {b}", total)]
-    if level >= 2:
-        c = rng.randint(1, total - 1)
-        rest = total - c
-        q += f" Then {name} spends {c} dollars on a book."
-        steps.append(Step("money left after the book", f"{total} - {c}", rest))
-        if level >= 3:
-            d = rng.randint(2, 4)
-            q += f" A grandparent then gives {name} {d} times what is left. How many dollars does {name} get from the grandparent?"
-            steps.append(Step("the grandparent's gift", f"{rest} * {d}", rest * d))
-        else:
-            q += f" How many dollars does {name} have now?"
-    else:
-        q += f" How many dollars does {name} save in total?"
-    return Problem("savings", level, q, tuple(steps))
+    d, w, total, k = _first(rng, level)
+    opening = f"{name} saves {d} dollars a week for {NUMBER_WORDS[w]} weeks."
+    ask = f"How many dollars does {name} have?"
+    return _story(rng, "savings", level, opening, Step("saved", f"{d} * {w}", total), name, ask, k)
 
 
-def _travel(rng: random.Random, level: int) -> Problem:
-    a, b = rng.randint(20, 90), rng.randint(2, 6)
-    dist = a * b
-    q = f"A train travels at {a} km per hour for {b} hours."
-    steps = [Step(f"distance in {b} hours", f"{a} * {b}", dist)]
-    if level >= 2:
-        c = rng.randint(5, 60)
-        q += f" Then it travels {c} more km to the last station."
-        steps.append(Step("length of the whole trip", f"{dist} + {c}", dist + c))
-        dist += c
-        if level >= 3:
-            d = rng.randint(2, 5)
-            q += f" It makes the same trip on {d} days. How many km does it travel over those days?"
-            steps.append(Step(f"distance over {d} days", f"{dist} * {d}", dist * d))
-        else:
-            q += " How long is the whole trip in km?"
-    else:
-        q += " How many km does it travel?"
-    return Problem("travel", level, q, tuple(steps))
+def _stamps(rng: random.Random, level: int) -> Problem:
+    name = rng.choice(NAMES)
+    d, w, total, k = _first(rng, level)
+    opening = f"{name} has {NUMBER_WORDS[w]} boxes of {d} stamps."
+    ask = f"How many stamps does {name} have?"
+    return _story(rng, "stamps", level, opening, Step("stamps", f"{w} * {d}", total), name, ask, k)
 
 
 def _garden(rng: random.Random, level: int) -> Problem:
-    a, b = rng.randint(3, 12), rng.randint(3, 12)
-    total = a * b
-    q = f"A garden has {a} rows with {b} plants in each row."
-    steps = [Step("plants in the garden", f"{a} * {b}", total)]
-    if level >= 2:
-        if level >= 3:
-            d, rest = _divisor_multiple(rng, max(1, total // 2), total - 1, range(2, 7))
-            c = total - rest
-        else:
-            c = rng.randint(1, total - 1)
-            rest = total - c
-        q += f" {c} plants dry out and are removed."
-        steps.append(Step("plants that remain", f"{total} - {c}", rest))
-        if level >= 3:
-            q += f" The remaining plants are moved into {d} beds with the same number in each. How many plants are in each bed?"
-            steps.append(Step("plants per bed", f"{rest} / {d}", rest // d))
-        else:
-            q += " How many plants remain?"
-    else:
-        q += " How many plants are in the garden?"
-    return Problem("garden", level, q, tuple(steps))
+    d, w, total, k = _first(rng, level)
+    opening = f"A garden has {NUMBER_WORDS[w]} rows of {d} plants."
+    ask = "How many plants are there?"
+    return _story(rng, "garden", level, opening, Step("plants", f"{w} * {d}", total), "The gardener", ask, k)  # fmt: skip
 
 
 def _marbles(rng: random.Random, level: int) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(5, 60), rng.randint(2, 40)
-    q = f"{name} has {a} {item} and finds {b} more."
-    steps = [Step(f"{item} after finding more", f"{a} + {b}", a + b)]
-    total = a + b
-    if level >= 2:
-        c = rng.randint(1, total - 1)
-        q += f" Later {name} loses {c} of them."
-        steps.append(Step(f"{item} after losing some", f"{total} - {c}", total - c))
-        total -= c
-        if level >= 3:
-            d = rng.randint(2, 30)
-            q += f" A friend gives {name} {d} {item}. How many {item} does {name} have at the end?"
-            steps.append(Step(f"{item} at the end", f"{total} + {d}", total + d))
-        else:
-            q += f" How many {item} does {name} have now?"
-    else:
-        q += f" How many {item} does {name} have?"
-    return Problem("marbles", level, q, tuple(steps))
+    d, w, total, k = _first(rng, level, add=True)
+    opening = f"{name} has {d} {item} and finds {NUMBER_WORDS[w]} more."
+    ask = f"How many {item} does {name} have?"
+    return _story(rng, "marbles", level, opening, Step("found", f"{d} + {w}", total), name, ask, k)
 
 
 TEMPLATES: dict[str, Callable[[random.Random, int], Problem]] = {
     "shop": _shop,
     "savings": _savings,
-    "travel": _travel,
+    "stamps": _stamps,
     "garden": _garden,
     "marbles": _marbles,
 }
@@ -228,11 +191,11 @@ def solution(p: Problem, style: str = "canonical", rng: random.Random | None = N
     if style == "paraphrase":
         words = ["First", "Next", "Then", "Finally"]
         lines = [
-            f"{words[min(i, 2) if i < len(p.steps) - 1 else 3]}, {s.expr} gives {s.value}, the {s.what}."
+            f"{words[min(i, 2) if i < len(p.steps) - 1 else 3]}, {s.expr} gives {s.value} ({s.what})."
             for i, s in enumerate(p.steps)
         ]
         if len(p.steps) == 1:
-            lines = [f"We compute {p.steps[0].expr} = {p.steps[0].value}, the {p.steps[0].what}."]
+            lines = [f"We compute {p.steps[0].expr} = {p.steps[0].value} ({p.steps[0].what})."]
         return (
             "<think>\n"
             + "\n".join(lines)
@@ -294,7 +257,7 @@ class DemoSizes:
     """How many rows each demo set gets."""
 
     pool_per_type: int = 40
-    eval: int = 60
+    eval: int = 150
     control: int = 30
     pretrain: int = 3000
 
@@ -332,9 +295,11 @@ def build_demo_data(seed: int, sizes: DemoSizes) -> dict[str, list[dict]]:
             )
     control = control_prompts(seed, sizes.control)
     pretrain = []
-    for _ in range(sizes.pretrain):
+    for i in range(sizes.pretrain):
         p = next(train_stream)
-        pretrain.append({"text": chatml(None, f"{INSTRUCTION}\n{p.question}", solution(p))})
+        # every other text with the pool's instruction, the rest as the eval set asks (question only)
+        user = f"{INSTRUCTION}\n{p.question}" if i % 2 == 0 else p.question
+        pretrain.append({"text": chatml(None, user, solution(p))})
     for row in control:
         pretrain.append({"text": chatml(None, row["query"], row["answer"])})
     rng.shuffle(pretrain)
