@@ -219,7 +219,7 @@ def test_adding_a_dataset_schedules_only_its_jobs(scratch):
 
 def test_changing_a_generation_parameter_reruns_generation_only(scratch):
     cfg = yaml.safe_load((scratch / "config.yaml").read_text())
-    cfg["generation"]["max_new_tokens"] = 80
+    cfg["generation"]["max_new_tokens"] -= 16
     write_config(scratch, cfg)
     # tiny's generations, their grading and the scoring of its own generations, then aggregates
     assert planned(scratch) == Counter({"generate": len(TINY), "grade": len(TINY), "score": len(TINY), "aggregate_generations": 1,
@@ -416,7 +416,7 @@ def test_vllm_generates_the_same_tokens_and_agrees_with_the_scorer(scratch):
     before = pl.read_parquet(scratch / target)
     extra = write_config(scratch, {"generation": {"backend": "vllm"}}, name="vllm.yaml")
     args = ("--configfile", "config.yaml", str(extra))
-    snakemake(scratch, *args, target, own)
+    snakemake(scratch, target, own, *args)  # targets first: --configfile takes every word after it
     g = pl.read_parquet(scratch / target)
     assert g["backend"].unique().to_list() == ["vllm"]
     if DEMO["generation"]["backend"] != "vllm":
