@@ -41,9 +41,13 @@ def every_job_value(p: Plan) -> dict:
     for r in p.training:
         out[("train", r)] = (p.run_settings(r), p.run_select(r), p.selection_inputs(r))
     for j in p.gen_jobs:
-        out[("generate", *dataclasses.astuple(j))] = p.gen_options()[0]
+        out[("generate", *dataclasses.astuple(j))] = (
+            p.gen_options()[0], p.compute_dtype("generate", j.model)
+        )  # fmt: skip
     for j in p.score_jobs:
-        out[("score", *dataclasses.astuple(j))] = (p.score_options()[0], p.textset_input(j.textset))
+        out[("score", *dataclasses.astuple(j))] = (
+            p.score_options()[0], p.textset_input(j.textset), p.compute_dtype("score", j.model)
+        )  # fmt: skip
     return out
 
 
@@ -101,20 +105,30 @@ def test_key_order_changes_no_value():
         ("generation", "batch_size", 3),
         ("generation", "kv_cache_gib", 9),
         ("generation", "threads", 8),
+        ("generation", "gpu_memory_utilization", 0.5),
+        ("generation", "enforce_eager", True),
+        ("generation", "tensor_parallel_size", 4),
+        ("compute", "device", "cpu"),  # the same as auto on a machine without a GPU
+        ("compute", "device_map", "auto"),
+        ("score", "device_map", "auto"),
+        ("generation", "device", "cpu"),
     ],
 )
 def test_speed_settings_change_no_job_value(section, key, value):
     def edit(cfg):
-        cfg[section][key] = value
+        cfg.setdefault(section, {})[key] = value
 
     base, changed = plan_of(), plan_of(edit)
     assert every_job_value(changed) == every_job_value(base)
     assert config_hash(results_config(changed.config)) == config_hash(results_config(base.config))
     # ... yet the job still receives the setting, on its command line
-    speed = json.loads(
-        (changed.score_options() if section == "score" else changed.gen_options())[1]
-    )
-    if key != "threads":
+    if key in ("device", "device_map"):
+        rule = "generate" if section == "generation" else "score"
+        assert json.loads(changed.compute_placement(rule, "tiny"))[key] == value
+    elif key != "threads":
+        speed = json.loads(
+            (changed.score_options() if section == "score" else changed.gen_options())[1]
+        )
         assert speed[key] == value
 
 
@@ -125,6 +139,9 @@ def test_speed_settings_change_no_job_value(section, key, value):
         ("score", "append_eos", True),
         ("generation", "temperature", 0.7),
         ("generation", "max_new_tokens", 17),
+        ("generation", "max_model_len", 512),
+        ("score", "dtype", "bfloat16"),
+        ("generation", "dtype", "float16"),
     ],  # fmt: skip
 )
 def test_result_settings_change_their_jobs(section, key, value):
@@ -136,6 +153,45 @@ def test_result_settings_change_their_jobs(section, key, value):
     differ = {k for k in base if base[k] != changed[k]}
     assert differ and {k[0] for k in differ} == {stage}
     assert all(k[0] == stage for k in differ)
+
+
+def test_dtype_is_a_param_resolved_by_precedence_and_gpus():
+    def edit(cfg):
+        cfg["compute"] = {"dtype": "bfloat16"}
+        cfg["score"]["dtype"] = "float16"
+        cfg["models"]["tiny-init"]["dtype"] = "float32"
+
+    p = plan_of(edit)
+    # a model's own dtype, then the stage's, then compute's
+    assert p.compute_dtype("score", "tiny-init") == "float32"
+    assert p.compute_dtype("score", "tiny") == "float16"
+    assert p.compute_dtype("generate", "tiny") == "bfloat16"
+    keys = dict(json.loads(p.compute_placement("score", "tiny"))["keys"])
+    assert keys["dtype"] == "score.dtype" and keys["device"] == "compute.device"
+    # auto: float32 for a job planned on a CPU, the checkpoint's own for one planned on a GPU;
+    # moving a job to a GPU therefore re-runs it (its results change), placement alone does not
+    cpu, gpu = (
+        Plan(validate(copy.deepcopy(DEMO))),
+        Plan(validate(copy.deepcopy(DEMO)), {"score": 1}),
+    )
+    assert cpu.compute_dtype("score", "tiny") == "float32"
+    assert gpu.compute_dtype("score", "tiny") == "auto"
+    assert gpu.compute_dtype("generate", "tiny") == "float32"
+    assert json.loads(gpu.compute_placement("score", "tiny"))["gpu_planned"] is True
+    # an explicit dtype is the same wherever the job runs
+    fixed = copy.deepcopy(DEMO)
+    fixed["compute"] = {"dtype": "float32"}
+    assert (
+        Plan(validate(copy.deepcopy(fixed)), {"score": 4}).compute_dtype("score", "tiny")
+        == "float32"
+    )
+
+
+def test_compute_records_cover_every_model_loading_job():
+    p = plan_of()
+    records = p.compute_records()
+    assert len(records) == len(set(records)) == len(p.gen_jobs) + len(p.score_jobs)
+    assert p.compute_record("score", "tiny", "final", "demo-pool") in records
 
 
 def test_options_come_from_the_dataclasses():
@@ -153,7 +209,9 @@ def test_options_come_from_the_dataclasses():
         # non-fields (job selection, threads) never reach the options
         assert not ({"datasets", "models", "textsets", "threads"} & (set(results) | set(speed)))
     assert set(options.speed_fields(ScoreOptions)) >= {"token_budget", "max_batch", "compile"}
-    assert set(options.speed_fields(GenOptions)) == {"batch_size", "kv_cache_gib"}
+    assert set(options.speed_fields(GenOptions)) == {
+        "batch_size", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size"
+    }  # fmt: skip
 
 
 def test_split_follows_a_new_field():

@@ -48,6 +48,25 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _compute_arguments(p: argparse.ArgumentParser) -> None:
+    """The device policy's arguments of a step that loads a model (see reasonlab.compute)."""
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument(
+        "--compute", type=_json, default={},
+        help='device placement (JSON): {"device": "auto|cpu|cuda|cuda:N", "device_map": null|"auto"}',
+    )  # fmt: skip
+    p.add_argument("--record", help="where to write how the job ran (device, dtype, GPUs; JSON)")
+
+
+def _request(a):
+    from reasonlab.compute import Request
+
+    c = dict(a.compute)
+    if "keys" in c:
+        c["keys"] = tuple(tuple(k) for k in c["keys"])
+    return Request(**c, dtype=a.dtype)
+
+
 def _jobs(words: list[str], fields: int = 4) -> list[list[str]]:
     """`model/ckpt/order/name` words (the planning module's job lists) as lists of parts."""
     out = []
@@ -204,13 +223,15 @@ def prepare_dataset(a, log):
         p.add_argument("--options", type=_json, default={}, help="GenOptions fields (JSON)"),
         p.add_argument("--speed", type=_json, default={}, help="speed-only GenOptions (JSON)"),
         p.add_argument("--threads", type=int),
+        _compute_arguments(p),
     ),
 )
 def generate(a, log):
     from reasonlab.generate import GenOptions, generate_dataset
 
     _threads(a.threads)
-    generate_dataset(a.handle, a.data, a.output, GenOptions(**a.options, **a.speed))
+    generate_dataset(a.handle, a.data, a.output, GenOptions(**a.options, **a.speed),
+                     compute=_request(a), record_path=a.record)  # fmt: skip
 
 
 @step(
@@ -283,13 +304,15 @@ def aggregate_generations(a, log):
         p.add_argument("--prompt", default="chat", help="chat or plain"),
         p.add_argument("--system"),
         p.add_argument("--threads", type=int),
+        _compute_arguments(p),
     ),
 )
 def score(a, log):
     from reasonlab.score import score_textset
 
     score_textset(a.handle, a.texts, a.tokens, a.sequences, options={**a.options, **a.speed},
-                  prompt=a.prompt, system=a.system or None, threads=a.threads, name=a.textset)  # fmt: skip
+                  prompt=a.prompt, system=a.system or None, threads=a.threads, name=a.textset,
+                  compute=_request(a), record_path=a.record)  # fmt: skip
 
 
 @step(
@@ -406,6 +429,7 @@ def aggregate_training(a, log):
         p.add_argument("--summaries", nargs="*", default=[]),
         p.add_argument("--rejects", nargs="*", default=[]),
         p.add_argument("--environments", nargs="*", default=[]),
+        p.add_argument("--compute", nargs="*", default=[], help="model-loading jobs' records"),
         p.add_argument("--out-dir", required=True),
     ),
 )
@@ -413,7 +437,7 @@ def aggregate_overview(a, log):
     from reasonlab.report import overview as stage
 
     stage.aggregate_overview(a.handles, a.summaries, a.rejects, a.environments,
-                             _out(stage.TABLES, a.out_dir))  # fmt: skip
+                             _out(stage.TABLES, a.out_dir), a.compute)  # fmt: skip
 
 
 @step(

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 
 COLUMNS = [
     "id", "sample", "prompt", "completion", "n_prompt_tokens", "n_completion_tokens", "finish_reason",
-    "backend", "prompt_ids", "token_ids", "token_logprobs", "top_ids", "top_logprobs",
+    "backend", "dtype", "prompt_ids", "token_ids", "token_logprobs", "top_ids", "top_logprobs",
 ]  # fmt: skip
-SCHEMA_VERSION = 2  # part of every shard's key: shards written under another schema are not reused
+SCHEMA_VERSION = 3  # part of every shard's key: shards written under another schema are not reused
 
 
 class GenerationError(ReasonlabError):
@@ -58,8 +58,12 @@ class GenOptions:
     seed: int = 0
     logprobs: int = 5  # top-k logprobs kept per generated token
     shard_size: int = 64  # prompts per resumable shard (with sampling, the batches seen)
+    max_model_len: int | None = None  # vLLM: longest prompt + completion (None: the model's)
     batch_size: int = speed(16)  # prompts per batch (transformers backend)
     kv_cache_gib: int = speed(1)  # vLLM's KV cache on a CPU
+    gpu_memory_utilization: float = speed(0.9)  # vLLM on a GPU: the share of GPU memory it takes
+    enforce_eager: bool = speed(False)  # vLLM on a GPU: no CUDA graphs (always eager on a CPU)
+    tensor_parallel_size: int | None = speed(None)  # vLLM on GPUs (None: every GPU the job got)
 
 
 def render_prompts(rows: list[dict], tokenizer, opts: GenOptions) -> list[str]:
@@ -106,21 +110,60 @@ def pick_backend(name: str) -> str:
 # --------------------------------------------------------------------------------- backends
 
 
+def vllm_kwargs(handle, opts: GenOptions, placement) -> dict:
+    """The keyword arguments of vLLM's `LLM` for a handle on a placement: on a GPU the resolved dtype,
+    CUDA graphs (eager only when asked), `gpu_memory_utilization` and `tensor_parallel_size` (default:
+    the GPUs the job was given); on a CPU, eager float32 (or the asked dtype) with a bounded KV cache
+    (set through VLLM_CPU_KVCACHE_SPACE by the backend)."""
+    kwargs = {"model": handle.location, "seed": opts.seed, "dtype": placement.dtype}
+    if handle.kind == "hub":
+        kwargs["revision"] = handle.commit
+    if handle.tokenizer:
+        kwargs["tokenizer"] = handle.tokenizer
+    if opts.max_model_len:
+        kwargs["max_model_len"] = opts.max_model_len
+    if placement.on_gpu:
+        kwargs["enforce_eager"] = bool(opts.enforce_eager)
+        kwargs["gpu_memory_utilization"] = opts.gpu_memory_utilization
+        kwargs["tensor_parallel_size"] = opts.tensor_parallel_size or placement.tensor_parallel_size
+    else:
+        kwargs["enforce_eager"] = True
+    return kwargs
+
+
 class VllmBackend:
     name = "vllm"
 
-    def __init__(self, handle, opts: GenOptions):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.kv_cache_gib))
+    def __init__(self, handle, opts: GenOptions, placement):
+        if placement.on_gpu:
+            if placement.device != "cuda:0" and placement.gpus == 1:
+                # vLLM takes no device index: show it only the chosen GPU (its workers are spawned)
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                ids = visible.split(",") if visible else None
+                i = int(placement.device.split(":")[1])
+                os.environ["CUDA_VISIBLE_DEVICES"] = ids[i] if ids else str(i)
+        else:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(opts.kv_cache_gib))
         from vllm import LLM
 
-        kwargs = {"dtype": "float32" if handle.dtype in ("auto", "float32") else handle.dtype}
-        if handle.kind == "hub":
-            kwargs["revision"] = handle.commit
-        if handle.tokenizer:
-            kwargs["tokenizer"] = handle.tokenizer
-        self.llm = LLM(model=handle.location, seed=opts.seed, enforce_eager=True, **kwargs)
+        self.kwargs = vllm_kwargs(handle, opts, placement)
+        log.info("vLLM engine: %s", self.kwargs)
+        self.llm = LLM(**self.kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.opts = opts
+
+    def close(self) -> None:
+        """Shut the engine down (its worker processes and their log lines end here)."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        engine = getattr(llm, "llm_engine", None)
+        shutdown = getattr(engine, "shutdown", None) or getattr(
+            getattr(engine, "engine_core", None), "shutdown", None
+        )
+        if shutdown:
+            shutdown()
+        self.llm = None
 
     def generate(self, prompts: list[str]) -> list[list[dict]]:
         from vllm import SamplingParams
@@ -162,11 +205,15 @@ class VllmBackend:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, handle, opts: GenOptions):
-        from reasonlab.models import load_model
+    def __init__(self, handle, opts: GenOptions, placement):
+        from reasonlab.models import input_device, load_model
 
-        self.model, self.tokenizer = load_model(handle, merge_adapter=True)
+        self.model, self.tokenizer = load_model(handle, placement, merge_adapter=True)
+        self.device = input_device(self.model)
         self.opts = opts
+
+    def close(self) -> None:
+        self.model = None
 
     def generate(self, prompts: list[str]) -> list[list[dict]]:
         import torch
@@ -184,6 +231,7 @@ class TransformersBackend:
                 ids[i, width - len(e) :] = torch.tensor(e)
                 mask[i, width - len(e) :] = 1
             torch.manual_seed(o.seed + s)
+            ids, mask = ids.to(self.device), mask.to(self.device)
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, max_new_tokens=o.max_new_tokens,
@@ -192,10 +240,8 @@ class TransformersBackend:
                     num_return_sequences=o.n, output_logits=True, return_dict_in_generate=True,
                     pad_token_id=pad, eos_token_id=tok.eos_token_id, stop_strings=o.stop or None, tokenizer=tok,
                 )  # fmt: skip
-            new = out.sequences[:, width:]
-            logits = torch.stack(out.logits, dim=1).float()  # [rows, steps, vocab]
-            lp = torch.log_softmax(logits, dim=-1)
-            top = lp.topk(o.logprobs, dim=-1)
+            new = out.sequences[:, width:].cpu()
+            token_lp, top_lp, top_ids = step_logprobs(out.logits, new, o.logprobs)
             for i in range(len(batch)):
                 samples = []
                 for j in range(o.n):
@@ -217,45 +263,68 @@ class TransformersBackend:
                             "prompt_ids": list(enc[i]),
                             "finish_reason": "stop" if finished or stop_hit else "length",
                             "token_ids": toks,
-                            "token_logprobs": lp[
-                                r, torch.arange(len(toks)), torch.tensor(toks, dtype=torch.long)
-                            ].tolist()
-                            if toks
-                            else [],
-                            "top_ids": top.indices[r, : len(toks)].tolist(),
-                            "top_logprobs": top.values[r, : len(toks)].tolist(),
+                            "token_logprobs": token_lp[r, : len(toks)].tolist(),
+                            "top_ids": top_ids[r, : len(toks)].tolist(),
+                            "top_logprobs": top_lp[r, : len(toks)].tolist(),
                         }
                     )
                 results.append(samples)
         return results
 
 
+def step_logprobs(step_logits, tokens, k: int):
+    """Log-probabilities (float32) of the generated `tokens` [rows, steps] and the top-`k` of each
+    step, from `generate`'s per-step logits, one step at a time on the model's device (never a
+    [rows x steps x vocabulary] tensor); returned on the CPU: (token [R, S], top values [R, S, k],
+    top ids [R, S, k])."""
+    import torch
+
+    tok, vals, idx = [], [], []
+    for s, logits in enumerate(step_logits):
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        tok.append(lp.gather(-1, tokens[:, s : s + 1].to(lp.device))[:, 0].cpu())
+        top = lp.topk(k, dim=-1)
+        vals.append(top.values.cpu())
+        idx.append(top.indices.cpu())
+    if not tok:
+        n = tokens.shape[0]
+        return torch.zeros(n, 0), torch.zeros(n, 0, k), torch.zeros(n, 0, k, dtype=torch.long)
+    return torch.stack(tok, 1), torch.stack(vals, 1), torch.stack(idx, 1)
+
+
 # --------------------------------------------------------------------------------- the job
 
 
-def _shard_key(handle, opts: GenOptions, prompts: list[str], backend: str) -> str:
+def _shard_key(handle, opts: GenOptions, prompts: list[str], backend: str, dtype: str) -> str:
     blob = json.dumps(
-        [SCHEMA_VERSION, handle.content_hash, handle.model, backend, asdict(opts), prompts],
+        [SCHEMA_VERSION, handle.content_hash, handle.model, backend, dtype, asdict(opts), prompts],
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def generate_dataset(
-    handle_path, data_path, out_path, opts: GenOptions, progress: bool = True
-) -> dict:
+    handle_path, data_path, out_path, opts: GenOptions, progress: bool = True,
+    compute=None, record_path=None,
+) -> dict:  # fmt: skip
     """Generate completions for every row of a prepared dataset; write `out_path` (COLUMNS).
 
-    Finished shards are kept under `<out_path>.shards/` until the whole table is written.
+    `compute`: the job's `reasonlab.compute.Request` (default: auto). Finished shards are kept under
+    `<out_path>.shards/` until the whole table is written. `record_path`: where to write how the job
+    ran (device, dtype, GPUs; see `reasonlab.compute.record`).
     """
     import polars as pl
 
+    from reasonlab import compute as cp
     from reasonlab.data import read_dataset
-    from reasonlab.models import load_tokenizer, read_handle
+    from reasonlab.models import checkpoint_dtype_of, load_tokenizer, read_handle
 
     h = read_handle(handle_path)
     rows = read_dataset(data_path).to_dicts()
     backend_name = pick_backend(opts.backend)
+    machine = cp.Machine.detect()
+    placement = cp.resolve(compute or cp.Request(), machine, checkpoint_dtype_of(h), f"{h.model}/{h.ckpt}")  # fmt: skip
+    log.info("placement: %s", placement)
     shard_dir = Path(str(out_path) + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     engine = None
@@ -274,22 +343,21 @@ def generate_dataset(
         part_rows, part_prompts = rows[s : s + opts.shard_size], prompts[s : s + opts.shard_size]
         path = (
             shard_dir
-            / f"shard-{s // opts.shard_size:05d}-{_shard_key(h, opts, part_prompts, backend_name)}.parquet"
+            / f"shard-{s // opts.shard_size:05d}-{_shard_key(h, opts, part_prompts, backend_name, placement.dtype)}.parquet"
         )
         if path.exists():
             frames.append(pl.read_parquet(path))
             reused += 1
         else:
             if engine is None:
-                engine = (
-                    VllmBackend(h, opts) if backend_name == "vllm" else TransformersBackend(h, opts)
-                )
+                backend = VllmBackend if backend_name == "vllm" else TransformersBackend
+                engine = backend(h, opts, placement)
             out = engine.generate(part_prompts)
             recs = []
             for r, p, samples in zip(part_rows, part_prompts, out, strict=True):
                 for k, smp in enumerate(samples):
                     recs.append({"id": r["id"], "sample": k, "prompt": p, **smp, "n_completion_tokens": len(smp["token_ids"]),
-                                 "backend": backend_name})  # fmt: skip
+                                 "backend": backend_name, "dtype": placement.dtype})  # fmt: skip
             frame = to_frame(recs)
             tmp = path.with_suffix(".tmp")
             frame.write_parquet(tmp)
@@ -300,6 +368,9 @@ def generate_dataset(
             bar.update(len(part_rows))
     if bar:
         bar.close()
+    peak = cp.peak_gpu_memory_gib() if placement.on_gpu else None
+    if engine is not None:
+        engine.close()
     table = pl.concat(frames) if frames else to_frame([])
     tmp = Path(str(out_path) + ".tmp")
     table.write_parquet(tmp)
@@ -310,7 +381,12 @@ def generate_dataset(
     summary = {"rows": len(rows), "completions": table.height, "shards_generated": done, "shards_reused": reused,
                "completion_tokens": n_tok, "seconds": round(seconds, 1), "backend": backend_name}  # fmt: skip
     log.info("generated %s", summary)
-    return summary
+    rec = cp.record(placement, machine, "generate", model=h.model, ckpt=h.ckpt, backend=backend_name,
+                    seconds=summary["seconds"], peak_gpu_memory_gib=peak)  # fmt: skip
+    log.info("ran with %s", rec)
+    if record_path:
+        cp.write_record(rec, record_path)
+    return summary | {"compute": rec}
 
 
 def to_frame(recs: list[dict]):
@@ -319,7 +395,7 @@ def to_frame(recs: list[dict]):
     schema = {
         "id": pl.String, "sample": pl.Int64, "prompt": pl.String, "completion": pl.String,
         "n_prompt_tokens": pl.Int64, "n_completion_tokens": pl.Int64, "finish_reason": pl.String,
-        "backend": pl.String, "prompt_ids": pl.List(pl.Int64), "token_ids": pl.List(pl.Int64), "token_logprobs": pl.List(pl.Float64),
+        "backend": pl.String, "dtype": pl.String, "prompt_ids": pl.List(pl.Int64), "token_ids": pl.List(pl.Int64), "token_logprobs": pl.List(pl.Float64),
         "top_ids": pl.List(pl.List(pl.Int64)), "top_logprobs": pl.List(pl.List(pl.Float64)),
     }  # fmt: skip
     return pl.DataFrame(recs, schema=schema).select(COLUMNS)

@@ -330,13 +330,6 @@ def _from_pretrained_kwargs(h: Handle) -> dict:
     return {"local_files_only": True}
 
 
-def torch_dtype(name: str):
-    """The torch dtype for a config dtype name ('auto' passes through)."""
-    import torch
-
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
 def load_tokenizer(handle: Handle | dict | str | Path):
     """The tokenizer of a handle (its own `tokenizer` setting, else the weights' directory or base model's)."""
     from transformers import AutoTokenizer
@@ -356,37 +349,79 @@ def load_tokenizer(handle: Handle | dict | str | Path):
         ) from e
 
 
+def cpu_placement(handle: Handle | dict | str | Path):
+    """Where a model goes when no placement is given: the CPU, in the handle's dtype (float32 for
+    auto)."""
+    from reasonlab.compute import Placement
+
+    h = _as_handle(handle)
+    return Placement("cpu", "float32" if h.dtype == "auto" else h.dtype, None, 0, 1)
+
+
+def weights_kwargs(placement) -> dict:
+    """What `from_pretrained` receives for a placement: the dtype, and where the weights go (loaded
+    straight onto the GPU, or spread by accelerate's `device_map`; nothing on a CPU)."""
+    from reasonlab.compute import torch_dtype
+
+    kwargs = {"dtype": torch_dtype(placement.dtype)}
+    if placement.device_map:
+        kwargs["device_map"] = placement.device_map
+    elif placement.on_gpu:
+        kwargs["device_map"] = {"": placement.device}
+    return kwargs
+
+
+def checkpoint_dtype_of(handle: Handle | dict | str | Path) -> str | None:
+    """The dtype a handle's weights were saved in (an adapter's: its base model's), or None."""
+    from reasonlab.compute import checkpoint_dtype
+
+    h = _as_handle(handle)
+    if h.is_adapter and h.base:
+        return checkpoint_dtype_of(h.base)
+    if h.kind == "hub":  # the snapshot in the local cache
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(h.hub_id, "config.json", revision=h.commit)
+        return checkpoint_dtype(Path(found).parent) if isinstance(found, str) else None
+    return checkpoint_dtype(h.location)
+
+
+def input_device(model):
+    """Where a loaded model's inputs go: its input embeddings' device (the first device when
+    accelerate spread it over several)."""
+    return model.get_input_embeddings().weight.device
+
+
 def load_model(
     handle: Handle | dict | str | Path,
-    dtype: str | None = None,
-    device: str = "cpu",
+    placement=None,
     merge_adapter: bool = False,
 ):
-    """Load (model, tokenizer) from a handle, in eval mode on `device`.
+    """Load (model, tokenizer) from a handle, in eval mode, placed by `placement`
+    (a `reasonlab.compute.Placement`; default: the CPU in the handle's dtype, float32 for auto).
 
-    `dtype` overrides the handle's ('auto', 'float32', 'bfloat16', 'float16'). A LoRA adapter is
-    loaded on top of its base model with peft; `merge_adapter=True` merges it into the weights.
+    A LoRA adapter is loaded on top of its base model with peft; `merge_adapter=True` merges it into
+    the weights.
     """
     from transformers import AutoModelForCausalLM
 
     h = _as_handle(handle)
-    dt = torch_dtype(dtype or h.dtype)
+    placement = placement or cpu_placement(h)
     try:
         if h.is_adapter:
             from peft import PeftModel
 
-            base_model, _ = load_model(h.base, dtype=dtype or h.dtype, device=device)
+            base_model, _ = load_model(h.base, placement)
             model = PeftModel.from_pretrained(base_model, h.location, is_trainable=False)
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                h.location, dtype=dt, **_from_pretrained_kwargs(h)
+                h.location, **weights_kwargs(placement), **_from_pretrained_kwargs(h)
             )
     except OSError as e:
         raise ModelError(
             f"model {h.model}/{h.ckpt}: cannot load weights from {h.location!r}: {e}"
         ) from e
-    model.to(device)
     model.eval()
     return model, load_tokenizer(h)

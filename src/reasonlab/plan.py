@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from reasonlab import options, textsets
+from reasonlab import compute, options, textsets
 from reasonlab.data import is_local
 from reasonlab.generate import GenOptions
 from reasonlab.models import local_path
@@ -62,12 +62,19 @@ def table_paths(names: tuple[str, ...] | list[str]) -> dict[str, str]:
     return {n: f"{AGGREGATE_DIR}/{n}.parquet" for n in names}
 
 
+# rules that load a model -> their config section (its device / dtype / device_map override `compute`)
+COMPUTE_STAGES = {"score": "score", "generate": "generation"}
+PLACEMENT_KEYS = ("device", "device_map")  # where a model runs: speed only, never a param
+
+
 def results_config(config: dict) -> dict:
     """The config without the options that change only speed (what the report's config hash covers)."""
     out = dict(config)
     for section, cls in (("score", ScoreOptions), ("generation", GenOptions)):
-        drop = set(options.speed_fields(cls)) | {"threads"}
+        drop = set(options.speed_fields(cls)) | {"threads", *PLACEMENT_KEYS}
         out[section] = {k: v for k, v in config[section].items() if k not in drop}
+    if "compute" in config:
+        out["compute"] = {k: v for k, v in config["compute"].items() if k not in PLACEMENT_KEYS}
     return out
 
 
@@ -88,8 +95,10 @@ class ScoreTask:
 class Plan:
     """The jobs and per-job values of a validated config (`reasonlab.config.validate`'s output)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, gpus: dict[str, int] | None = None):
+        """`gpus`: GPUs each rule's jobs are given (`reasonlab.compute.rule_gpus`); none by default."""
         self.config = config
+        self.gpus = gpus or {}
         self.models: dict = config["models"]
         self.datasets: dict = config["datasets"]
         self.training: dict = config["training"]
@@ -278,6 +287,38 @@ class Plan:
         if t.generated:
             return self.gen_output(t.model, t.ckpt, t.dataset)
         return self.dataset_table(t.dataset)
+
+    # ------------------------------------------------------------------ devices and dtypes
+
+    def compute(self, rule: str, model: str) -> compute.Request:
+        """What a job of `rule` (a key of COMPUTE_STAGES) for `model` asks of its machine."""
+        section = COMPUTE_STAGES[rule]
+        return compute.request(
+            self.config.get("compute", {}), self.config[section], section,
+            self.models[model].get("dtype"), model, self.gpus.get(rule, 0),
+        )  # fmt: skip
+
+    def compute_dtype(self, rule: str, model: str) -> str:
+        """The dtype a job runs its model in (a param: it changes results): explicit, or `auto`
+        (the checkpoint's own) for a job planned on a GPU, `float32` for one planned on a CPU."""
+        return self.compute(rule, model).dtype
+
+    def compute_placement(self, rule: str, model: str) -> str:
+        """Where a job runs its model, as JSON for `--compute` (speed only: never a param)."""
+        r = self.compute(rule, model)
+        return as_json({"device": r.device, "device_map": r.device_map,
+                        "gpu_planned": r.gpu_planned, "keys": r.keys})  # fmt: skip
+
+    @staticmethod
+    def compute_record(rule: str, model: str, ckpt: str, name: str) -> str:
+        """Where a job that loads a model writes how it ran (device, dtype, GPUs)."""
+        return f"results/compute/{rule}/{model}/{ckpt}/{name}.json"
+
+    def compute_records(self) -> list[str]:
+        """Every model-loading job's record (the run overview's input)."""
+        return [self.compute_record("generate", j.model, j.ckpt, j.dataset) for j in self.gen_jobs] + [
+            self.compute_record("score", j.model, j.ckpt, j.textset) for j in self.score_jobs
+        ]  # fmt: skip
 
     # ------------------------------------------------------------------ aggregation and report
 

@@ -269,7 +269,12 @@ def score_items(
     body, head, softcap = _head(model)
     if opts.compile:
         body = torch.compile(body, dynamic=True)
-    device = head.weight.device
+    from reasonlab.models import input_device
+
+    device = input_device(
+        model
+    )  # where inputs go (the first device of a model spread by accelerate)
+    out_device = head.weight.device  # where the hidden states and logits end up
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     cols: dict[str, list] = {k: [] for k in ("row", "position", "token_id", "logprob", "entropy", "varentropy",
@@ -309,8 +314,8 @@ def score_items(
             hidden = body(
                 input_ids=ids.to(device), attention_mask=attn, use_cache=False
             ).last_hidden_state
-            h = hidden[b.to(device), pos.to(device)]
-            targets = ids[b, pos + 1].to(device)
+            h = hidden[b.to(hidden.device), pos.to(hidden.device)].to(out_device)
+            targets = ids[b, pos + 1].to(out_device)
             chunk = max(1, opts.chunk_elements // head.weight.shape[0])
             for s in range(0, h.shape[0], chunk):
                 logits = head(h[s : s + chunk])
@@ -495,7 +500,7 @@ def generated_items(df, dataset: str = "", generator: str = "") -> list[TextItem
         correct = r.get("correct")
         meta = {"dataset": dataset, "generator": generator, "sample": r["sample"],
                 "type": None if correct is None else ("correct" if correct else "incorrect"),
-                "finish_reason": r["finish_reason"]}  # fmt: skip
+                "finish_reason": r["finish_reason"], "gen_dtype": r.get("dtype")}  # fmt: skip
         items.append(
             TextItem(
                 f"{r['id']}#{r['sample']}" if multi else r["id"],
@@ -526,25 +531,32 @@ def write_tables(tables: dict, paths: dict) -> None:
 
 
 def score_textset(handle, texts, out_tokens, out_sequences, options: dict, prompt: str = "chat",
-                  system: str | None = None, threads: int | None = None, name: str = "") -> dict:  # fmt: skip
+                  system: str | None = None, threads: int | None = None, name: str = "",
+                  compute=None, record_path=None) -> dict:  # fmt: skip
     """Score a text set under a model handle and write both tables: a prepared dataset's reference
     solutions, or (a table with `token_ids`) graded generations on their exact tokens.
 
-    Returns a small summary (texts, tokens, seconds, tokens per second).
+    `compute`: the job's `reasonlab.compute.Request` (default: auto: a GPU when the job sees one).
+    `record_path`: where to write how the job ran (device, dtype, GPUs). Returns a small summary
+    (texts, tokens, seconds, tokens per second, and that record).
     """
     import time
 
     import polars as pl
     import torch
 
+    from reasonlab import compute as cp
     from reasonlab.data import read_dataset
-    from reasonlab.models import load_model, read_handle
+    from reasonlab.models import checkpoint_dtype_of, load_model, read_handle
 
     if threads:
         torch.set_num_threads(threads)
     h = read_handle(handle)
     where = f"{h.model}/{h.ckpt}"
-    model, tok = load_model(h, merge_adapter=True)
+    machine = cp.Machine.detect()
+    placement = cp.resolve(compute or cp.Request(), machine, checkpoint_dtype_of(h), where)
+    log.info("placement: %s", placement)
+    model, tok = load_model(h, placement, merge_adapter=True)
     if "token_ids" in pl.read_parquet_schema(texts):  # generations (the grade rule's table)
         t = textsets.parse(name) if name else textsets.TextSet("")
         items = generated_items(pl.read_parquet(texts), t.dataset, t.generator or "")
@@ -552,6 +564,7 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
         items = reference_items(read_dataset(texts), tok, prompt, system, dataset=name)
     t0 = time.perf_counter()
     tokens, sequences = score_items(model, tok, items, ScoreOptions(**options), where=where)
+    sequences = sequences.with_columns(dtype=pl.lit(placement.dtype))
     seconds = time.perf_counter() - t0
     write_tables(
         {"tokens": tokens, "sequences": sequences},
@@ -563,4 +576,9 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
     if "max_abs_logprob_diff" in sequences.columns:
         summary["max_abs_logprob_diff_vs_generator"] = sequences["max_abs_logprob_diff"].max()
     log.info("scored %s", summary)
-    return summary
+    rec = cp.record(placement, machine, "score", model=h.model, ckpt=h.ckpt, textset=name,
+                    seconds=summary["seconds"], peak_gpu_memory_gib=cp.peak_gpu_memory_gib() if placement.on_gpu else None)  # fmt: skip
+    log.info("ran with %s", rec)
+    if record_path:
+        cp.write_record(rec, record_path)
+    return summary | {"compute": rec}

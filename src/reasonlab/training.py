@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "resources" / "llamafactory" / "train.yaml"
 TAIL_LINES = 25
+SCORE_DECIMALS = 4  # high/low selection: scores equal to this many decimals tie, and ties go by id
 
 
 class TrainingError(ReasonlabError):
@@ -43,6 +44,8 @@ def select_rows(data, scores, keep: str, n: int | None, seed: int, by: str = "ll
     `data`: the prepared dataset (polars; id, question, solution, ...); `scores`: its sequence
     scores under the base model (id and `by`), or None for keep == "all". keep: all | high | low |
     random; `n` rows (all rows when None or larger). Returns every row with `score` and `selected`.
+    high/low rank by the score rounded to SCORE_DECIMALS, ties by id, so float rounding from another
+    batch composition does not change which rows are chosen.
     """
     import polars as pl
 
@@ -66,8 +69,10 @@ def select_rows(data, scores, keep: str, n: int | None, seed: int, by: str = "ll
     else:
         if usable["score"].null_count():
             raise TrainingError("some rows have no log-likelihood score; cannot select by score")
-        ranked = usable.with_columns(order=pl.int_range(pl.len())).sort(
-            ["score", "order"], descending=[keep == "high", False]
+        # scores that differ only by rounding (another batch composition, another GPU) tie, and
+        # ties go by id: the selection does not flip when a speed setting changes
+        ranked = usable.with_columns(rounded=pl.col("score").round(SCORE_DECIMALS)).sort(
+            ["rounded", "id"], descending=[keep == "high", False]
         )
         chosen = ranked["id"].head(count)
     return df.with_columns(selected=pl.col("id").is_in(chosen.to_list()))

@@ -11,9 +11,11 @@ from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from reasonlab.compute import local_gpus, rule_gpus  # noqa: E402
 from reasonlab.config import ConfigError, config_hash, validate  # noqa: E402
 from reasonlab.data import missing_sources  # noqa: E402
 from reasonlab.plan import (  # noqa: E402
+    COMPUTE_STAGES,
     ENVIRONMENTS,
     WILDCARDS,
     Plan,
@@ -35,7 +37,15 @@ _missing = missing_sources(config["datasets"])
 if _missing:
     raise WorkflowError("\n".join(_missing))
 
-PLAN = Plan(config)
+# GPUs each model-loading rule's jobs get: its `gpu` resource (slurm/config.yaml set-resources,
+# --set-resources), else, in a local run, this machine's. It decides what `auto` dtype means.
+GPUS = rule_gpus(
+    list(COMPUTE_STAGES),
+    workflow.resource_settings.overwrite_resources,
+    workflow.resource_settings.default_resources,
+    local_gpus(),
+)
+PLAN = Plan(config, GPUS)
 CONFIG_HASH = config_hash(results_config(config))
 # options that change only speed reach the jobs through speed_only(): changing them re-runs nothing
 GEN_OPTIONS, GEN_SPEED = PLAN.gen_options()
@@ -113,6 +123,16 @@ def speed_only(value):
     "derived" param): for options that change only speed, so changing them re-runs nothing.
     """
     return lambda wildcards, threads: value
+
+
+def compute_dtype(rule):
+    """An input function: the dtype a job of `rule` runs its model in (a param: it changes results)."""
+    return lambda wildcards: PLAN.compute_dtype(rule, wildcards.model)
+
+
+def compute_placement(rule):
+    """A derived param: where a job of `rule` runs its model (speed only, never compared)."""
+    return lambda wildcards, threads: PLAN.compute_placement(rule, wildcards.model)
 
 
 def get_env_python(wildcards):

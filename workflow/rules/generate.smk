@@ -7,6 +7,7 @@ rule generate:
         data="results/data/{dataset}.parquet",
     output:
         raw="results/generations/{model}/{ckpt}/{dataset}.raw.parquet",
+        record="results/compute/generate/{model}/{ckpt}/{dataset}.json",
     log:
         "logs/generate/{model}/{ckpt}/{dataset}.log",
     benchmark:
@@ -21,10 +22,13 @@ rule generate:
         python=python_of("gen"),
         options=GEN_OPTIONS,
         speed=speed_only(GEN_SPEED),
+        dtype=compute_dtype("generate"),
+        compute=compute_placement("generate"),
     shell:
         "{params.python:q} -m reasonlab generate --log {log:q} --handle {input.handle:q}"
         " --data {input.data:q} --output {output.raw:q} --threads {threads}"
         " --options {params.options:q} --speed {params.speed:q}"
+        " --dtype {params.dtype} --compute {params.compute:q} --record {output.record:q}"
 
 
 rule grade:

@@ -7,6 +7,7 @@ rule aggregate_overview:
         summaries=expand("results/data/{dataset}.summary.json", dataset=PLAN.datasets),
         rejects=expand("results/data/{dataset}.rejects.jsonl", dataset=PLAN.datasets),
         environments=expand("results/envs/{env}.json", env=ENVIRONMENTS),
+        compute=PLAN.compute_records(),
     output:
         **table_paths(report_overview.TABLES),
     log:
@@ -24,7 +25,8 @@ rule aggregate_overview:
     shell:
         "{params.python:q} -m reasonlab aggregate-overview --log {log:q} --handles {input.handles:q}"
         " --summaries {input.summaries:q} --rejects {input.rejects:q}"
-        " --environments {input.environments:q} --out-dir {params.out_dir}"
+        " --environments {input.environments:q} --compute {input.compute:q}"
+        " --out-dir {params.out_dir}"
 
 
 rule report:

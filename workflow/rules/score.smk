@@ -8,6 +8,7 @@ rule score:
     output:
         tokens="results/scores/{model}/{ckpt}/{textset}.tokens.parquet",
         sequences="results/scores/{model}/{ckpt}/{textset}.sequences.parquet",
+        record="results/compute/score/{model}/{ckpt}/{textset}.json",
     log:
         "logs/score/{model}/{ckpt}/{textset}.log",
     benchmark:
@@ -22,6 +23,8 @@ rule score:
         python=python_of("core"),
         options=SCORE_OPTIONS,
         speed=speed_only(SCORE_SPEED),
+        dtype=compute_dtype("score"),
+        compute=compute_placement("score"),
         prompt=config["score"]["prompt"],
         system=config["score"]["system"] or "",
     shell:
@@ -29,6 +32,7 @@ rule score:
         " --texts {input.texts:q} --textset {wildcards.textset:q} --tokens {output.tokens:q}"
         " --sequences {output.sequences:q} --options {params.options:q} --speed {params.speed:q}"
         " --prompt {params.prompt:q} --system={params.system:q} --threads {threads}"
+        " --dtype {params.dtype} --compute {params.compute:q} --record {output.record:q}"
 
 
 rule aggregate_scores:

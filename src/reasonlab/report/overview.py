@@ -1,7 +1,8 @@
-"""The report's run overview: models and checkpoints, datasets (rows, rejects), environments.
+"""The report's run overview: models and checkpoints, datasets (rows, rejects), environments, and
+how each model-loading job ran (device, dtype, GPUs).
 
 `aggregate_overview` gathers the per-job outputs (model handles, dataset summaries and rejects,
-environment descriptions) into three small tidy tables; `section` shows them.
+environment descriptions, compute records) into four small tidy tables; `section` shows them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from reasonlab.report.tables import out_paths
 
 KEY = "overview"
 TITLE = "Run overview"
-TABLES: tuple[str, ...] = ("models", "datasets", "environments")
+TABLES: tuple[str, ...] = ("models", "datasets", "environments", "compute")
 
 STR, INT = "String", "Int64"
 MODEL_SCHEMA = {
@@ -53,6 +54,21 @@ ENV_SCHEMA = {
     "imports_ok": "Boolean",
     "import_errors": STR,
 }
+COMPUTE_SCHEMA = {
+    "stage": STR,
+    "model": STR,
+    "ckpt": STR,
+    "item": STR,
+    "device": STR,
+    "dtype": STR,
+    "device_map": STR,
+    "gpus": INT,
+    "gpu_name": STR,
+    "gpu_memory_gib": "Float64",
+    "peak_gpu_memory_gib": "Float64",
+    "threads": INT,
+    "seconds": "Float64",
+}
 FIRST_REJECTS = 3
 
 
@@ -62,10 +78,12 @@ def aggregate_overview(
     rejects: list[str | Path],
     environments: list[str | Path],
     out: Mapping[str, str | Path],
+    compute: list[str | Path] = (),
 ) -> None:
     """Write the tables `models` (one row per model handle), `datasets` (counts and the first
-    rejects of each prepared dataset; `summaries` and `rejects` pair up) and `environments` (one
-    row per environment x package) to the paths `out` names for them."""
+    rejects of each prepared dataset; `summaries` and `rejects` pair up), `environments` (one
+    row per environment x package) and `compute` (one row per model-loading job's record, see
+    `reasonlab.compute.record`) to the paths `out` names for them."""
     import polars as pl
 
     from reasonlab.models import read_handle
@@ -127,6 +145,13 @@ def aggregate_overview(
                 }
             )
     pl.DataFrame(erows, schema=_schema(ENV_SCHEMA)).write_parquet(paths["environments"])
+
+    crows = []
+    for p in compute:
+        rec = json.loads(Path(p).read_text())
+        item = rec.get("textset") or rec.get("dataset") or rec.get("item") or Path(p).stem
+        crows.append({k: rec.get(k) for k in COMPUTE_SCHEMA} | {"item": item})
+    pl.DataFrame(crows, schema=_schema(COMPUTE_SCHEMA)).write_parquet(paths["compute"])
 
 
 def _schema(names: dict[str, str]) -> dict:
@@ -199,4 +224,31 @@ def section(tables: dict, context: dict) -> list:
             on="environment", index="package", values="version", aggregate_function="first"
         ).sort("package")
         blocks.append(charts.table(wide))
+    blocks += _compute(tables.get("compute"))
+    return blocks
+
+
+def _compute(jobs) -> list:
+    """Where the model-loading jobs ran: a line per (stage, device, dtype, GPU) and the jobs."""
+    import polars as pl
+
+    blocks: list = [Html("<h3>Devices and precision</h3>")]
+    if jobs is None or not charts.usable(jobs, "stage").height:
+        return blocks + [charts.nothing("no job that loads a model has run")]
+    jobs = charts.usable(jobs, "stage")
+    groups = (
+        jobs.group_by("stage", "device", "dtype", "gpu_name", "gpus", maintain_order=True)
+        .agg(jobs=pl.len(), seconds=pl.col("seconds").sum(), peak=pl.col("peak_gpu_memory_gib").max())
+        .sort("stage", "device")
+    )  # fmt: skip
+    items = []
+    for r in groups.iter_rows(named=True):
+        where = f"{r['gpus']} × {html.escape(str(r['gpu_name']))}" if r["gpus"] else "the CPU"
+        peak = f", peak GPU memory {r['peak']:.1f} GiB" if r["peak"] is not None else ""
+        items.append(
+            f"<li><b>{html.escape(r['stage'])}</b>: {r['jobs']} job(s) on {where} in "
+            f"{html.escape(str(r['dtype']))}, {r['seconds'] or 0:.0f} s in all{peak}</li>"
+        )
+    blocks.append(Html(f"<ul>{''.join(items)}</ul>"))
+    blocks.append(charts.table(jobs.sort("stage", "model", "ckpt", "item")))
     return blocks

@@ -1,0 +1,89 @@
+"""On CUDA: scoring and transformers generation put the model on the GPU by default, agree with
+the CPU in float32, and run in bfloat16. Skipped (with the reason) where there is no CUDA device,
+as in CI; run them on a GPU machine with `pytest -m gpu`."""
+
+import pytest
+import torch
+
+from reasonlab import compute as cp
+from reasonlab.models import load_model, resolve, write_handle
+from reasonlab.score import ScoreOptions, TextItem, score_items
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+]
+
+ITEMS = [
+    TextItem("a", "What is 2 + 3?", " <think>\n2 + 3 = 5.\n</think>\nThe answer is \\boxed{5}."),
+    TextItem("b", "A pack holds 4 apples. Ben buys 7 packs.", " 7 * 4 = 28, so 28 apples."),
+    TextItem("c", "Say hello.", " hello"),
+]
+OPTS = ScoreOptions(progress=False)
+
+
+@pytest.fixture(scope="module")
+def handle(tiny_model_dir, tmp_path_factory):
+    h = resolve("tiny", "base", {"source": str(tiny_model_dir), "checkpoints": {"base": None}})
+    path = tmp_path_factory.mktemp("gpu") / "h.json"
+    write_handle(h, path)
+    return path
+
+
+def placement(dtype: str = "auto", **compute):
+    req = cp.request(compute | {"dtype": dtype}, {}, "score", None, "tiny", gpus=1)
+    return cp.resolve(req, cp.Machine.detect(), ckpt_dtype="float32")
+
+
+def test_auto_places_the_model_on_the_gpu(handle):
+    p = placement()
+    assert p.on_gpu and p.device == "cuda:0" and p.dtype == "float32"
+    model, _ = load_model(handle, p)
+    assert {q.device.type for q in model.parameters()} == {"cuda"}
+
+
+def test_scoring_on_cuda_matches_the_cpu(handle):
+    cpu_model, tok = load_model(handle)
+    gpu_model, _ = load_model(handle, placement())
+    _, on_cpu = score_items(cpu_model, tok, ITEMS, OPTS)
+    _, on_gpu = score_items(gpu_model, tok, ITEMS, OPTS)
+    assert on_gpu["n_tokens"].to_list() == on_cpu["n_tokens"].to_list()
+    diff = (on_gpu["llh_sum"] - on_cpu["llh_sum"]).abs().max()
+    assert diff < 1e-3
+
+
+def test_scoring_in_bfloat16_on_cuda(handle):
+    cpu_model, tok = load_model(handle)
+    model, _ = load_model(handle, placement("bfloat16"))
+    assert next(model.parameters()).dtype is torch.bfloat16
+    tokens, seqs = score_items(model, tok, ITEMS, OPTS)
+    _, ref = score_items(cpu_model, tok, ITEMS, OPTS)
+    assert tokens["logprob"].dtype.is_float() and tokens["entropy"].is_finite().all()
+    # bf16 rounding, not a different model: per-token means within a tenth of a nat
+    assert (seqs["llh_mean"] - ref["llh_mean"]).abs().max() < 0.1
+
+
+def test_transformers_generation_on_cuda_is_greedy_like_the_cpu(handle):
+    from reasonlab.generate import GenOptions, TransformersBackend
+    from reasonlab.models import read_handle
+
+    h = read_handle(handle)
+    opts = GenOptions(max_new_tokens=12, batch_size=2, template="{question}")
+    prompts = [i.prompt for i in ITEMS]
+    on_cpu = TransformersBackend(h, opts, cp.Placement("cpu", "float32", None, 0, 1)).generate(
+        prompts
+    )
+    gpu = TransformersBackend(h, opts, placement())
+    assert gpu.device.type == "cuda"
+    on_gpu = gpu.generate(prompts)
+    assert [s[0]["token_ids"] for s in on_gpu] == [s[0]["token_ids"] for s in on_cpu]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpus_spread_the_model(handle):
+    req = cp.request({}, {}, "score", None, "tiny", gpus=2)
+    p = cp.resolve(req, cp.Machine.detect(), ckpt_dtype="float32")
+    assert p.device_map == "auto" and p.tensor_parallel_size == torch.cuda.device_count()
+    model, tok = load_model(handle, p)
+    _, seqs = score_items(model, tok, ITEMS, OPTS)
+    assert seqs["n_tokens"].sum() > 0
