@@ -50,11 +50,50 @@ def inputs(tmp_path):
     return handles, summaries, rejects, envs
 
 
+def compute_records(tmp_path) -> list:
+    """Two scoring jobs on two H100s in bfloat16 and a generation job on the CPU, as
+    reasonlab.compute.record writes them."""
+    out = []
+    for i, rec in enumerate([
+        {"stage": "score", "model": "tiny", "ckpt": "base", "textset": "d1", "device": "cuda:0",
+         "dtype": "bfloat16", "device_map": "auto", "gpus": 2, "tensor_parallel_size": 2,
+         "gpu_name": "NVIDIA H100", "gpu_memory_gib": 158.4, "peak_gpu_memory_gib": 12.5,
+         "threads": 8, "seconds": 10.0},
+        {"stage": "score", "model": "tiny", "ckpt": "final", "textset": "d1", "device": "cuda:0",
+         "dtype": "bfloat16", "device_map": "auto", "gpus": 2, "tensor_parallel_size": 2,
+         "gpu_name": "NVIDIA H100", "gpu_memory_gib": 158.4, "peak_gpu_memory_gib": 14.0,
+         "threads": 8, "seconds": 5.0},
+        {"stage": "generate", "model": "tiny", "ckpt": "base", "dataset": "d1", "device": "cpu",
+         "dtype": "float32", "device_map": None, "gpus": 0, "tensor_parallel_size": 1,
+         "gpu_name": None, "gpu_memory_gib": None, "peak_gpu_memory_gib": None, "threads": 2,
+         "seconds": 3.0, "backend": "transformers"},
+    ]):  # fmt: skip
+        p = tmp_path / f"rec{i}.json"
+        p.write_text(json.dumps(rec))
+        out.append(p)
+    return out
+
+
 @pytest.fixture
 def aggregated(inputs, tmp_path):
     out = {k: tmp_path / f"agg_{k}.parquet" for k in overview.TABLES}
-    overview.aggregate_overview(*inputs, out)
+    overview.aggregate_overview(*inputs, out, compute_records(tmp_path))
     return {k: pl.read_parquet(v) for k, v in out.items()}
+
+
+def test_devices_and_precision_of_every_job(aggregated):
+    c = aggregated["compute"]
+    assert c.select("stage", "ckpt", "item", "device", "dtype", "gpus").rows() == [
+        ("score", "base", "d1", "cuda:0", "bfloat16", 2),
+        ("score", "final", "d1", "cuda:0", "bfloat16", 2),
+        ("generate", "base", "d1", "cpu", "float32", 0),
+    ]  # fmt: skip
+    doc = render([(overview.KEY, overview.TITLE, overview.section(aggregated, {}))], "t")
+    assert (
+        "<b>score</b>: 2 job(s) on 2 × NVIDIA H100 in bfloat16, 15 s in all, peak GPU memory 14.0 GiB"
+        in doc
+    )
+    assert "<b>generate</b>: 1 job(s) on the CPU in float32, 3 s in all</li>" in doc
 
 
 def test_aggregates(aggregated):

@@ -150,6 +150,24 @@ def test_agreement_of_own_generations_only(tmp_path):
     assert set(seqs["textset"]) == {"ev@self", "ev@m@final"}
 
 
+def test_agreement_tolerance_follows_the_coarser_dtype():
+    # 100 tokens: 99 off by 0.01 nats, one by 0.6: fine for bfloat16 (99th percentile), not float32
+    diffs = [0.01] * 99 + [0.6]
+    tokens = pl.DataFrame({"is_prompt": [False] * 100, "logprob": [-1.0] * 100,
+                           "gen_logprob": [-1.0 - d for d in diffs]})  # fmt: skip
+    assert score.coarsest("float32", "bfloat16") == "bfloat16"
+    assert score.coarsest(None, "float16") == "float16" and score.coarsest() == "float32"
+    f32 = score.agreement(tokens, "float32").row(0, named=True)
+    bf16 = score.agreement(tokens, "bfloat16").row(0, named=True)
+    assert (f32["judged_by"], f32["agrees"]) == ("max_abs_diff", False)
+    assert (bf16["judged_by"], bf16["tolerance"], bf16["agrees"]) == ("p99_abs_diff", 0.25, True)
+    expected_p99 = sorted(diffs)[98]  # polars' nearest-rank quantile
+    assert bf16["p99_abs_diff"] == pytest.approx(expected_p99, abs=1e-9)
+    assert bf16["within_tolerance"] == pytest.approx(0.99)
+    # the dtypes come from the score job's sequences (scorer) and the generations (generator)
+    assert score.tolerance("float16") == ("p99_abs_diff", 0.05)
+
+
 def all_null(df: pl.DataFrame, rows: int = 3) -> pl.DataFrame:
     """A table of `df`'s columns and types whose every value is null."""
     return pl.DataFrame({c: pl.Series(c, [None] * rows, dtype=t) for c, t in df.schema.items()})

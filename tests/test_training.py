@@ -57,6 +57,19 @@ def test_select_high_low_random_all():
     assert scored.filter(pl.col("id") == "r5")["score"][0] == -0.1  # the score is recorded
 
 
+def test_rounding_noise_does_not_flip_a_selection():
+    # r1 and r3 tie at -0.5; another batch composition moves each by ~1e-7, either way
+    base = [-1.0, -0.5, -2.0, -0.5, -3.0, -4.0]
+    picks = set()
+    for noise in ([0, 1e-7, 0, -1e-7, 0, 0], [0, -1e-7, 0, 1e-7, 0, 0], [0] * 6):
+        scores = DATA.select("id").with_columns(
+            llh_mean=pl.Series([b + e for b, e in zip(base, noise, strict=True)])
+        )
+        picks.add(tuple(chosen(select_rows(DATA, scores, "high", 1, 0))))
+        assert chosen(select_rows(DATA, scores, "low", 2, 0)) == ["r4", "r5"]
+    assert picks == {("r1",)}  # the tie goes to the smaller id, whatever the noise
+
+
 def test_select_needs_scores_for_every_row():
     with pytest.raises(TrainingError, match="no log-likelihood score"):
         select_rows(DATA, SCORES.head(3), "high", 2, 0)

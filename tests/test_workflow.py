@@ -229,14 +229,27 @@ def test_changing_a_generation_parameter_reruns_generation_only(scratch):
 def test_speed_settings_rerun_nothing(scratch):
     # a user on a GPU raises batch sizes and budgets: finished jobs stay finished
     extra = write_config(scratch, {
-        "score": {"token_budget": 8192, "max_batch": 128, "compile": True, "threads": 2},
-        "generation": {"batch_size": 64, "kv_cache_gib": 4, "threads": 2},
+        "score": {"token_budget": 8192, "max_batch": 128, "compile": True, "threads": 2,
+                  "device_map": "auto"},
+        "generation": {"batch_size": 64, "kv_cache_gib": 4, "threads": 2, "gpu_memory_utilization": 0.5,
+                       "enforce_eager": True, "tensor_parallel_size": 2, "device": "cpu"},
+        "compute": {"device": "cpu", "device_map": "auto"},
     }, name="speed.yaml")  # fmt: skip
     assert planned(scratch, "--configfile", "config.yaml", str(extra)) == Counter()
     # ... while a setting that changes results re-runs its stage
     extra = write_config(scratch, {"score": {"append_eos": True}}, name="eos.yaml")
     jobs = planned(scratch, "--configfile", "config.yaml", str(extra))
     assert jobs["score"] == N_SCORE and not jobs["generate"] and not jobs["prepare_dataset"]
+    # ... and the dtype re-runs every job that runs a model in it, and what depends on them (the
+    # high/low selections score the pool), while datasets stay
+    extra = write_config(scratch, {"score": {"dtype": "bfloat16"}}, name="bf16.yaml")
+    jobs = planned(scratch, "--configfile", "config.yaml", str(extra))
+    assert jobs["score"] == N_SCORE and not jobs["generate"] and not jobs["prepare_dataset"]
+    extra = write_config(scratch, {"compute": {"dtype": "bfloat16"}}, name="all-bf16.yaml")
+    jobs = planned(scratch, "--configfile", "config.yaml", str(extra))
+    assert (
+        jobs["score"] == N_SCORE and jobs["generate"] == len(TINY) and not jobs["prepare_dataset"]
+    )
 
 
 def _reordered(obj):

@@ -149,6 +149,13 @@ def run_llamafactory(config: dict, yaml_path: str | Path) -> None:
             f"llamafactory-cli is not in {cli.parent}; run this in the train environment"
         )
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}
+    gpus = visible_gpus()
+    if gpus > 1:  # LlamaFactory's launcher starts one torchrun process per visible GPU
+        env.setdefault("NPROC_PER_NODE", str(gpus))
+        env.setdefault("FORCE_TORCHRUN", "1")
+    print(f"[finetune] {gpus} GPU(s) visible: " + (
+        f"{gpus} training processes (torchrun, data parallel)" if gpus > 1
+        else "one process" + (" on the GPU" if gpus else " on the CPU")), flush=True)  # fmt: skip
     tail: deque[str] = deque(maxlen=200)
     with subprocess.Popen([str(cli), "train", str(yaml_path)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env) as proc:  # fmt: skip
@@ -165,6 +172,13 @@ def run_llamafactory(config: dict, yaml_path: str | Path) -> None:
         raise TrainingError(
             f"llamafactory-cli train {yaml_path} failed (exit {proc.returncode}): {reason.strip()}"
         )
+
+
+def visible_gpus() -> int:
+    """CUDA devices this job may use (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def read_loss_curve(output_dir: str | Path, run: str):
