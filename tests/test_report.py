@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 import vl_convert
 
+from reasonlab import compute
 from reasonlab.grading import wilson
 from reasonlab.models import Handle, write_handle
 from reasonlab.report import build, charts, generate, overview, score, training
@@ -113,8 +114,14 @@ def study(tmp_path_factory):
     env = d / "env.json"
     env.write_text(json.dumps({"environment": "core", "python": "3.11.7", "packages": {"torch": "2.13.0"},
                                "imports": {"torch": {"ok": True}}, "ok": True}))  # fmt: skip
+    records = []
+    for j in score_jobs:  # as the score jobs write them (reasonlab.compute.record)
+        rec = compute.record(compute.Placement("cpu", "float32", None, 0, 1), compute.Machine((), 2),
+                             "score", model=j.model, ckpt=j.ckpt, textset=j.textset, seconds=1.5)  # fmt: skip
+        records.append(d / f"rec_{len(records)}.json")
+        compute.write_record(rec, records[-1])
     out |= paths(overview.TABLES)
-    overview.aggregate_overview(handles, summaries, rejects, [env], out)
+    overview.aggregate_overview(handles, summaries, rejects, [env], out, records)
     outputs, selections = [], []
     for run in RUNS:
         o = d / "runs" / run / "output"

@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import slurm_cluster
+import yaml
 from e2e import BIN, ROOT
 from polars.testing import assert_frame_equal
 
@@ -74,6 +75,12 @@ def on_cluster(demo_run, cluster, tmp_path_factory):
     for pattern in REBUILT + DOWNSTREAM:
         for p in work.glob(pattern):
             p.unlink()
+    # the test cluster's GPU is a GRES on /dev/null, not a CUDA device: the jobs that get it are told
+    # to run on the CPU (a job planned for a GPU that sees none stops with one line saying so). The
+    # dtype stays float32, so the local demo's finished jobs stay finished.
+    cfg = yaml.safe_load((work / "config.yaml").read_text())
+    cfg.setdefault("compute", {})["device"] = "cpu"
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     before = {j["JobId"] for j in jobs(cluster)}
     r = run(work, cluster, "results/report.html")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
