@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Create reasonlab's tool environments (Python virtual environments), idempotently.
 #
-#   bash envs/setup.sh [core] [train] [gen]      # default: all three
+#   bash envs/setup.sh [core] [train] [gen] [peers]   # default: core, train and gen
+#
+# `peers` (optional, never built by default) holds the tools reasonlab is benchmarked against
+# (lm-evaluation-harness), for benchmarks/score_vs_lmeval.py.
 #
 # Each environment is described by envs/<name>.txt and created under $REASONLAB_VENVS (default
 # .venvs/ in the workflow directory), where config.yaml's `environments:` expects it. A stamp file
@@ -28,6 +31,7 @@ smoke() {
     core) echo "import snakemake, torch, transformers, polars, altair, vl_convert, datasets, reasonlab" ;;
     train) echo "import torch, reasonlab; from llamafactory.train.tuner import run_exp" ;;
     gen) echo "import torch, reasonlab, vllm" ;;
+    peers) echo "import torch, reasonlab, lm_eval; from lm_eval.models.huggingface import HFLM" ;;
   esac
 }
 
@@ -94,7 +98,7 @@ build() {
 
 for n in "${names[@]}"; do
   case "$n" in
-    core | train | gen) build "$n" ;;
-    *) log "unknown environment '$n' (expected core, train or gen)"; exit 2 ;;
+    core | train | gen | peers) build "$n" ;;
+    *) log "unknown environment '$n' (expected core, train, gen or peers)"; exit 2 ;;
   esac
 done

@@ -145,7 +145,9 @@ def test_score_names_must_be_defined():
     )
     assert "score.models[1]: model 'qwen' is not defined under models; defined models are: m" in msg
     cfg = validate(minimal(score={"textsets": ["d"]}))
-    assert cfg["score"]["scope"] == "completion" and cfg["score"]["token_budget"] == 2048
+    assert (
+        cfg["score"]["scope"] == "completion" and cfg["score"]["token_budget"] is None
+    )  # sized per device
     assert "score.scope: 'some' is not one of" in error_of(minimal(score={"scope": "some"}))
 
 

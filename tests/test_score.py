@@ -7,7 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from reasonlab.score import ScoreError, ScoreOptions, TextItem, batches, score_items, token_stats
+from reasonlab.score import (
+    ScoreError,
+    ScoreOptions,
+    TextItem,
+    batches,
+    head_stats,
+    score_items,
+    token_stats,
+)
 
 QUIET = {"progress": False}
 
@@ -144,6 +152,18 @@ def test_per_token_values_match_full_logits(lm):
     assert tokens["token"].to_list() == [tok.decode([t]) for t in c]
 
 
+def near_tie(model, tok, item, position, tol=1e-5) -> bool:
+    """Whether the logit of the token at `position` has another within `tol` (relative) of it."""
+    p = tok(item.prompt, add_special_tokens=False)["input_ids"]
+    c = tok(item.completion, add_special_tokens=False)["input_ids"]
+    ids = p + c
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, position - 1].double()
+    t = logits[ids[position]]
+    close = (logits - t).abs() <= tol * (1 + t.abs())
+    return int(close.sum()) > 1
+
+
 def test_independent_of_batching_and_order(lm):
     model, tok = lm
     together, seq_a = score_items(model, tok, ITEMS, ScoreOptions(token_budget=4096, **QUIET))
@@ -156,9 +176,16 @@ def test_independent_of_batching_and_order(lm):
     key = ["id", "position"]
     for other in (one_by_one, reordered):
         a, b = together.sort(key), other.sort(key)
-        assert a.select(key + ["token_id", "rank", "top1_id"]).equals(
-            b.select(key + ["token_id", "rank", "top1_id"])
+        assert a.select(key + ["token_id"]).equals(b.select(key + ["token_id"]))
+        # rank and top-1 are equal except at a tie within the logits' rounding (another batch
+        # shape moves the last bits of every logit)
+        differ = a.with_columns(rank_b=b["rank"], top1_b=b["top1_id"]).filter(
+            (pl.col("rank") != pl.col("rank_b")) | (pl.col("top1_id") != pl.col("top1_b"))
         )
+        assert differ.height <= 2, differ
+        for r in differ.iter_rows(named=True):
+            assert abs(r["rank"] - r["rank_b"]) <= 1
+            assert near_tie(model, tok, next(it for it in ITEMS if it.id == r["id"]), r["position"])
         for col in ("logprob", "entropy", "varentropy", "margin", "top1_prob"):
             assert (a[col] - b[col]).abs().max() <= 1e-5, col
     assert seq_a["id"].to_list() == [it.id for it in ITEMS]  # input order kept
@@ -249,7 +276,8 @@ def test_mismatched_tokenizer_and_nan_logits_are_clear_errors(lm, tmp_path):
         ScoreError, match=r"demo/base: the tokenizer has \d+ tokens but the model's vocabulary has"
     ):
         score_items(model, tok2, ITEMS[:1], ScoreOptions(**QUIET), where="demo/base")
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: o * float("nan"))
+    # NaN hidden states (the output head never runs as a module: it is applied block by block)
+    hook = model.model.norm.register_forward_hook(lambda m, i, o: o * float("nan"))
     try:
         with pytest.raises(
             ScoreError,
@@ -258,6 +286,111 @@ def test_mismatched_tokenizer_and_nan_logits_are_clear_errors(lm, tmp_path):
             score_items(model, tok, ITEMS, ScoreOptions(**QUIET), where="demo/base")
     finally:
         hook.remove()
+
+
+def test_a_nan_or_inf_in_one_vocabulary_row_names_the_text_and_minus_inf_is_probability_zero(lm):
+    model, tok = lm
+    w = model.get_output_embeddings().weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w[7] = float("nan")
+        with pytest.raises(
+            ScoreError, match=r"non-finite \(NaN or \+inf\) logits while scoring text"
+        ):
+            score_items(model, tok, ITEMS[:2], ScoreOptions(**QUIET), where="m/c")
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    # -inf logits (masked tokens, here through a bias): probability 0, every statistic exact
+    head = model.get_output_embeddings()
+    bias = torch.zeros(w.shape[0])
+    bias[10:20] = float("-inf")
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        it = ITEMS[0]
+        tokens, _ = score_items(model, tok, [it], ScoreOptions(**QUIET))
+        p = tok(it.prompt, add_special_tokens=False)["input_ids"]
+        c = tok(it.completion, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+        assert torch.isneginf(logits[:, 10:20]).all()
+        dist = torch.distributions.Categorical(logits=logits)
+        got = torch.tensor(tokens["entropy"].to_numpy())
+        assert torch.isfinite(got).all() and torch.allclose(got, dist.entropy().double(), atol=1e-5)
+        assert torch.allclose(torch.tensor(tokens["logprob"].to_numpy()),
+                              dist.log_prob(torch.tensor(c)).double(), atol=1e-5)  # fmt: skip
+    finally:
+        head.bias = None
+
+
+def float64_stats(logits, targets) -> dict:
+    """The statistics from float32 logits, computed independently in float64."""
+    lf = logits.double()
+    lp = torch.log_softmax(lf, -1)
+    p = lp.exp()
+    entropy = -(p * torch.where(p > 0, lp, 0.0)).sum(-1)
+    varentropy = (p * torch.where(p > 0, lp + entropy[:, None], 0.0) ** 2).sum(-1)
+    top = lp.topk(2, -1)
+    return {"logprob": lp.gather(1, targets[:, None])[:, 0], "entropy": entropy, "varentropy": varentropy,
+            "top1_logprob": top.values[:, 0], "margin": top.values[:, 0].exp() - top.values[:, 1].exp(),
+            "rank": (lf > lf.gather(1, targets[:, None])).sum(-1) + 1, "top1_id": top.indices[:, 0]}  # fmt: skip
+
+
+def assert_close_to_float64(st, logits, targets):
+    ref = float64_stats(logits, targets)
+    for k in ("logprob", "entropy", "varentropy", "top1_logprob", "margin"):
+        got, want = st[k].double(), ref[k]
+        assert ((got - want).abs() <= 1e-5 + 1e-5 * want.abs()).all(), (k, (got - want).abs().max())
+    # rank and top-1: equal but at ties within the logits' rounding
+    lt = logits.gather(1, targets[:, None])
+    for i in (st["rank"] != ref["rank"]).nonzero()[:, 0].tolist():
+        close = ((logits[i] - lt[i]).abs() <= 1e-5 * (1 + lt[i].abs())).sum()
+        assert close > 1 and abs(int(st["rank"][i]) - int(ref["rank"][i])) < close
+    for i in (st["top1_id"] != ref["top1_id"]).nonzero()[:, 0].tolist():
+        assert logits[i].max() - logits[i, st["top1_id"][i]] <= 1e-5 * (1 + logits[i].max().abs())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("block", [1, 7, 100, 999, 1000, 4096])
+def test_head_stats_match_float64_for_any_vocabulary_block(block, compiled):
+    torch.manual_seed(1)
+    h, w = torch.randn(33, 48), torch.randn(1000, 48) * 0.7
+    targets = torch.randint(0, 1000, (33,))
+    st = head_stats(h, w, targets, vocab_block=block, compiled=compiled)
+    assert st["finite"].all()
+    assert_close_to_float64(st, h @ w.T, targets)
+    whole = head_stats(h, w, targets, vocab_block=1000)  # the same results for any block size
+    for k in ("logprob", "entropy", "varentropy"):
+        assert torch.allclose(st[k], whole[k], atol=1e-5, rtol=1e-5)
+    assert torch.equal(st["rank"], whole["rank"]) and torch.equal(st["top1_id"], whole["top1_id"])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_head_stats_stay_exact_for_peaked_and_spread_logits(compiled):
+    # logits spread over 1e4: distributions with one token at ~1 - 1e-30 and others far below; a
+    # varentropy computed as E[x^2] - E[x]^2 on unshifted logits would cancel to garbage
+    torch.manual_seed(2)
+    h = torch.randn(40, 32) * torch.logspace(-1, 3, 40)[:, None]
+    w = torch.randn(500, 32)
+    targets = torch.randint(0, 500, (40,))
+    logits = h @ w.T
+    assert (logits.max(-1).values - logits.min(-1).values).max() > 1e4
+    st = head_stats(h, w, targets, vocab_block=64, compiled=compiled)
+    assert_close_to_float64(st, logits, targets)
+    assert (st["varentropy"] >= 0).all() and torch.isfinite(st["varentropy"]).all()
+
+
+def test_head_stats_with_soft_capping_and_half_precision_weights():
+    torch.manual_seed(3)
+    h, w = torch.randn(16, 32) * 3, torch.randn(300, 32)
+    targets = torch.randint(0, 300, (16,))
+    capped = head_stats(h, w, targets, softcap=5.0, vocab_block=50)
+    assert_close_to_float64(capped, torch.tanh((h @ w.T) / 5.0) * 5.0, targets)
+    hb, wb = h.bfloat16(), w.bfloat16()
+    st = head_stats(hb, wb, targets, vocab_block=50)
+    assert st["entropy"].dtype is torch.float32  # statistics in float32 whatever the model dtype
+    assert_close_to_float64(st, torch.nn.functional.linear(hb, wb).float(), targets)
 
 
 def test_batches_respect_the_token_budget():
@@ -339,3 +472,29 @@ def test_generated_items_from_a_graded_table():
     assert items[0].meta["generator"] == "m/final" and items[1].meta["finish_reason"] == "length"
     single = generated_items(df.filter(pl.col("sample") == 0), "eval", "m/final")
     assert [it.id for it in single] == ["q1", "q2"]  # one sample per prompt: the plain id
+
+
+def test_sizes_on_a_cpu_and_from_free_gpu_memory(lm):
+    from reasonlab.score import CPU_SIZES, gpu_sizes, sized
+
+    model, _ = lm
+    opts = sized(ScoreOptions(token_budget=512), model, "cpu")
+    assert opts.token_budget == 512  # what was set stays
+    assert (opts.chunk_elements, opts.head_positions) == (
+        CPU_SIZES["chunk_elements"],
+        CPU_SIZES["head_positions"],
+    )
+    # a 1.5 B model (hidden 1 536, intermediate 8 960, bf16) with 60 GiB free on an 80 GB GPU
+    g = gpu_sizes(1536, 8960, 2, 60 * 2**30)
+    assert g["token_budget"] == min(int(0.5 * 60 * 2**30 / ((6 * 1536 + 3 * 8960) * 2)), 131072)
+    assert (
+        g["token_budget"] > 16 * 2048
+        and g["chunk_elements"] == 2**28
+        and g["head_positions"] == 4096
+    )
+    # nearly full: never below the CPU sizes
+    assert gpu_sizes(1536, 8960, 2, 10 * 2**20) == {
+        "token_budget": 2048,
+        "chunk_elements": 2**21,
+        "head_positions": 4096,
+    }

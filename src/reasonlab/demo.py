@@ -105,9 +105,11 @@ class TinyModelSpec:
 
 
 def build_tiny_model(
-    tokenizer_dir: str | Path, out_dir: str | Path, spec: TinyModelSpec, seed: int
-) -> int:
-    """Initialise a Qwen2 causal LM with the tokenizer's vocabulary and save it (with the tokenizer).
+    tokenizer_dir: str | Path, out_dir: str | Path, spec: TinyModelSpec, seed: int,
+    vocab_size: int | None = None,
+) -> int:  # fmt: skip
+    """Initialise a Qwen2 causal LM with the tokenizer's vocabulary (or `vocab_size` rows, e.g. a real
+    model's 151 936, for benchmarks) and save it with the tokenizer.
 
     Returns the number of parameters. The same seed gives byte-identical weights.
     """
@@ -121,7 +123,7 @@ def build_tiny_model(
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = Qwen2Config(
-        vocab_size=len(tok),
+        vocab_size=max(vocab_size or 0, len(tok)),
         **{k: v for k, v in asdict(spec).items() if k != "rope_theta"},
         rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
         tie_word_embeddings=True,

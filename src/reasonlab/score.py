@@ -67,9 +67,12 @@ class ScoreOptions:
     max_length: int | None = None  # default: the model's max_position_embeddings
     truncation: str = "error"  # too long: "error", "left" (drop the prompt's start) or "right" (cut the completion's end)
     append_eos: bool = False  # score the end-of-sequence token after each completion
-    token_budget: int = speed(2048)  # padded tokens per batch (rows x longest row); more on a GPU
+    # sizes (None: `sized` picks them: fixed on a CPU, from the free GPU memory on a GPU)
+    token_budget: int | None = speed(None)  # padded tokens per batch (rows x longest row)
     max_batch: int = speed(64)  # rows per batch at most
-    chunk_elements: int = speed(2**23)  # logits (positions x vocabulary) materialized at once
+    chunk_elements: int | None = speed(None)  # logits held at once (head_positions x vocab block)
+    head_positions: int | None = speed(None)  # positions the output head runs on at once
+    compile_stats: bool = speed(True)  # torch.compile the per-block statistics (seconds, once)
     compile: bool = speed(
         False
     )  # torch.compile the model body: ~25% faster on CPU after a ~1 min compile
@@ -125,6 +128,165 @@ def token_stats(logits, targets) -> dict:
         "top1_logprob": top1_lp,
         "margin": margin,
     }
+
+
+def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
+               vocab_block: int = 8192, compiled: bool = False) -> dict:  # fmt: skip
+    """`token_stats` of the logits `h @ weight.T (+ bias)` without ever holding them all: the output
+    head runs over blocks of `vocab_block` vocabulary rows, and an online (streaming) softmax
+    combines the blocks. Per block, while its logits are in cache: the count of logits above the
+    target's (for the rank), the block maximum, one fused softmax of the logits shifted by it, and
+    two dot products giving the block's sums of e^x·x and e^x·x² (x = logit - maximum); the blocks'
+    sums are then rescaled to the running maximum and added. Every statistic is in float32 whatever
+    the model dtype, and the shift by the maximum keeps the varentropy of peaked distributions from
+    cancelling (logits spread over 1e4 stay exact). The top two logits and the top-1 id come from
+    the block maxima and one recomputation of each position's winning block.
+
+    `compiled`: the per-block statistics as one `torch.compile`d function (one loop over each
+    block's logits instead of several passes: on a CPU the statistics then cost almost nothing
+    beside the head; compiling costs seconds once per process, and falls back to eager with a
+    warning where it cannot run).
+
+    Returns the keys of `token_stats`, plus `finite` ([N] bool): False for a row whose logits hold a
+    NaN, +inf or -inf; the caller recomputes those rows from their materialized logits
+    (`token_stats`, where -inf is probability 0 and NaN/+inf are refused). Rank and top-1 equal
+    `token_stats`' on the materialized logits except at ties within the logits' rounding.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n, dev, f32 = h.shape[0], h.device, torch.float32
+    vocab = weight.shape[0]
+    starts = list(range(0, vocab, vocab_block))
+    # per block and position: maximum, and the sums of e^x, e^x·x, e^x·x² relative to it
+    sums = torch.empty((4, n, len(starts)), dtype=f32, device=dev)
+    above = torch.zeros(n, dtype=f32, device=dev)
+    tgt = torch.zeros(n, dtype=f32, device=dev)
+    # positions grouped by the block of their target, to read the target's logit from its block
+    by_block = targets // vocab_block
+    order = torch.argsort(by_block)
+    bounds = torch.searchsorted(by_block[order], torch.arange(len(starts) + 1, device=dev)).tolist()
+
+    def logits_of(hh, v0, v1):
+        out = F.linear(hh, weight[v0:v1], None if bias is None else bias[v0:v1]).float()
+        return torch.tanh(out / softcap) * softcap if softcap else out
+
+    # the target's logit, computed as the head computes it (the same matrix product over the same
+    # rows: bitwise equal on the CPU), to count the logits above it
+    ref = torch.diagonal(
+        F.linear(h, weight[targets], None if bias is None else bias[targets])
+    ).float()
+    if softcap:
+        ref = torch.tanh(ref / softcap) * softcap
+    block_stats = _compiled_block_stats(dev) if compiled else _block_stats
+    for k, v0 in enumerate(starts):
+        logits = logits_of(h, v0, min(vocab, v0 + vocab_block))
+        r = order[bounds[k] : bounds[k + 1]]
+        tgt[r] = logits[r, targets[r] - v0]
+        bm, sb, s1b, s2b, n_above = block_stats(logits, ref)
+        above += n_above
+        sums[0, :, k], sums[1, :, k], sums[2, :, k], sums[3, :, k] = bm, sb, s1b, s2b
+    above -= (tgt > ref).to(f32)  # the target itself, where its logit rounded above `ref`
+    # the blocks' sums moved to the overall maximum m (x' = x + d, d <= 0), then added
+    bmax, sb, s1b, s2b = sums
+    m = bmax.amax(-1)
+    d = bmax - m[:, None]
+    a = torch.exp(d)
+    keep = a > 0  # where e^d underflows a block adds nothing (and no inf·0)
+    d = torch.where(keep, d, 0.0)
+    s = (a * sb).sum(-1)
+    s1 = torch.where(keep, a * (s1b + d * sb), 0.0).sum(-1)
+    s2 = torch.where(keep, a * (s2b + 2 * d * s1b + d * d * sb), 0.0).sum(-1)
+    log_s = torch.log(s)  # log-sum-exp = m + log_s: m is subtracted first (exact where close)
+    mean = s1 / s
+    top1_id, second = _top_two(h, logits_of, bmax, starts, vocab, vocab_block)
+    top1 = -log_s  # the top logit is m
+    finite = torch.isfinite(m + log_s) & torch.isfinite(s1) & torch.isfinite(s2)
+    return {
+        "logprob": (tgt - m) - log_s,
+        "entropy": log_s - mean,
+        "varentropy": (s2 / s - mean * mean).clamp_min(0.0),
+        "rank": above.long() + 1,
+        "top1_id": top1_id,
+        "top1_logprob": top1,
+        "margin": top1.exp() - ((second - m) - log_s).exp(),
+        "finite": finite & torch.isfinite(tgt) & torch.isfinite(second),
+    }
+
+
+def _block_stats(logits, ref):
+    """One block's (maximum, sum of e^x, of e^x·x, of e^x·x², count of logits above `ref`), x =
+    logit - maximum; in place on `logits`, with PyTorch's fused softmax for the exponentials."""
+    import torch
+
+    above = torch.sub(logits, ref[:, None]).sign_().clamp_min_(0).sum(-1)
+    bm = logits.amax(-1)
+    x = logits.sub_(bm[:, None])  # the block's own maximum is 0
+    p = torch.softmax(x, -1)
+    sb = 1.0 / p.amax(-1)  # the block's sum of e^x (its largest term is e^0 = 1)
+    y = p.mul_(x)
+    return bm, sb, sb * y.sum(-1), sb * torch.linalg.vecdot(y, x), above
+
+
+def _block_stats_plain(logits, ref):
+    """`_block_stats` written for the compiler: it fuses these into one or two loops per row."""
+    import torch
+
+    bm = logits.amax(-1, keepdim=True)
+    x = logits - bm
+    e = torch.exp(x)
+    ex = e * x
+    above = (logits > ref[:, None]).sum(-1).to(torch.float32)
+    return bm[:, 0], e.sum(-1), ex.sum(-1), (ex * x).sum(-1), above
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_block_stats(device):
+    """`_block_stats_plain` through torch.compile (once per process and device type), or the eager
+    `_block_stats` where compiling fails (no C++ compiler on the node, say), with one warning."""
+    import torch
+
+    key = torch.device(device).type
+    if key not in _COMPILED:
+        fn = torch.compile(_block_stats_plain, dynamic=True)
+
+        def guarded(logits, ref):
+            if _COMPILED[key] is not guarded:
+                return _COMPILED[key](logits, ref)
+            try:
+                return fn(logits, ref)
+            except Exception as e:  # the compiler's errors have no common base class
+                log.warning("compiling the scoring statistics failed (%s); running them eagerly",
+                            str(e).splitlines()[0][:200])  # fmt: skip
+                _COMPILED[key] = _block_stats
+                return _block_stats(logits, ref)
+
+        _COMPILED[key] = guarded
+    return _COMPILED[key]
+
+
+def _top_two(h, logits_of, block_max, starts, vocab, vocab_block):
+    """(top-1 id, second-largest logit) per row: the winning block (largest block maximum) is
+    recomputed for the rows it wins, once per distinct block; the second largest is the larger of
+    that block's second and the other blocks' maxima."""
+    import torch
+
+    n = h.shape[0]
+    win = block_max.argmax(-1)
+    others = block_max.scatter(1, win[:, None], float("-inf")).amax(-1)
+    top1_id = torch.zeros(n, dtype=torch.long, device=h.device)
+    second = others.clone()
+    for k in win.unique().tolist():
+        rows = (win == k).nonzero()[:, 0]
+        v0 = starts[k]
+        block = logits_of(h[rows], v0, min(vocab, v0 + vocab_block))
+        top = block.topk(min(2, block.shape[1]), dim=-1)
+        top1_id[rows] = top.indices[:, 0] + v0
+        if top.values.shape[1] > 1:
+            second[rows] = torch.maximum(others[rows], top.values[:, 1])
+    return top1_id, second
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -201,6 +363,55 @@ def encode(
     return out
 
 
+CPU_SIZES = {"token_budget": 2048, "chunk_elements": 2**21, "head_positions": 1024}
+
+
+def gpu_sizes(hidden: int, intermediate: int, elem_bytes: int, free_bytes: int) -> dict:
+    """Batch sizes on a GPU from its free memory (after the model is loaded) and the model's shape.
+
+    The rule: half the free memory holds the forward pass's activations, estimated per token as
+    (6 x hidden + 3 x intermediate) values of the model's dtype (hidden states, residual, q/k/v and
+    output, the MLP's gate/up/down; with no KV cache a layer's activations are freed before the
+    next one's); a quarter holds the head's logit blocks, each float32 value held about four times
+    over (logits, shifted, exponentials, products). Within [2 048, 131 072] tokens and
+    [2^21, 2^28] logits; 4 096 positions per head pass.
+    """
+    per_token = (6 * hidden + 3 * intermediate) * elem_bytes
+    budget = int(0.5 * free_bytes / max(per_token, 1))
+    logits = int(0.25 * free_bytes / 16)
+    return {
+        "token_budget": min(max(budget, 2048), 131072),
+        "chunk_elements": min(max(logits, 2**21), 2**28),
+        "head_positions": 4096,
+    }
+
+
+def sized(opts: ScoreOptions, model, device) -> ScoreOptions:
+    """`opts` with every size left at None filled in: CPU_SIZES on a CPU, `gpu_sizes` on a GPU."""
+    import dataclasses
+
+    import torch
+
+    unset = [k for k in CPU_SIZES if getattr(opts, k) is None]
+    if not unset:
+        return opts
+    if torch.device(device).type == "cuda":
+        cfg = (
+            model.config.get_text_config()
+            if hasattr(model.config, "get_text_config")
+            else model.config
+        )
+        elem = next(model.parameters()).element_size()
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+        sizes = gpu_sizes(cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+                          elem, free)  # fmt: skip
+    else:
+        sizes = CPU_SIZES
+    chosen = {k: sizes[k] for k in unset}
+    log.info("scoring sizes: %s", chosen)
+    return dataclasses.replace(opts, **chosen)
+
+
 def batches(lengths: Sequence[int], token_budget: int, max_batch: int) -> list[list[int]]:
     """Indices grouped into batches, longest first, each within `token_budget` padded tokens."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
@@ -243,6 +454,41 @@ def check_tokenizer(model, tokenizer, where: str) -> None:
         )
 
 
+STAT_KEYS = ("logprob", "entropy", "varentropy", "rank", "top1_id", "top1_logprob", "margin")
+
+
+def _scored_chunks(h, targets, head, softcap, opts):
+    """(start, head_stats of positions start:start+P) over the scored positions of a batch, P =
+    `head_positions` at a time, the vocabulary in blocks of chunk_elements / P rows."""
+    n_pos = max(1, opts.head_positions)
+    block = max(128, opts.chunk_elements // min(n_pos, max(1, h.shape[0])))
+    for s in range(0, h.shape[0], n_pos):
+        yield s, head_stats(h[s : s + n_pos], head.weight, targets[s : s + n_pos],
+                            getattr(head, "bias", None), softcap, vocab_block=block,
+                            compiled=opts.compile_stats)  # fmt: skip
+
+
+def _exact_rows(st, bad, h, targets, head, softcap, text_ids, where):
+    """Recompute the rows whose logits were not all finite from their materialized logits: -inf is
+    a token of probability 0; NaN or +inf stop the job naming the text."""
+    import torch
+
+    logits = head(h[bad])
+    if softcap:
+        logits = torch.tanh(logits.float() / softcap) * softcap
+    broken = torch.isnan(logits) | (logits == float("inf"))
+    if broken.any():
+        i = int(bad.nonzero()[int(broken.any(-1).nonzero()[0]), 0])
+        raise ScoreError(
+            f"{where}: non-finite (NaN or +inf) logits while scoring text {text_ids[i]!r}"
+        )
+    exact = token_stats(logits, targets[bad])
+    for k in STAT_KEYS:
+        st[k] = st[k].clone()
+        st[k][bad] = exact[k].to(st[k].dtype)
+    return st
+
+
 def score_items(
     model,
     tokenizer,
@@ -275,6 +521,7 @@ def score_items(
         model
     )  # where inputs go (the first device of a model spread by accelerate)
     out_device = head.weight.device  # where the hidden states and logits end up
+    opts = sized(opts, model, out_device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     cols: dict[str, list] = {k: [] for k in ("row", "position", "token_id", "logprob", "entropy", "varentropy",
@@ -316,27 +563,13 @@ def score_items(
             ).last_hidden_state
             h = hidden[b.to(hidden.device), pos.to(hidden.device)].to(out_device)
             targets = ids[b, pos + 1].to(out_device)
-            chunk = max(1, opts.chunk_elements // head.weight.shape[0])
-            for s in range(0, h.shape[0], chunk):
-                logits = head(h[s : s + chunk])
-                if softcap:
-                    logits = torch.tanh(logits.float() / softcap) * softcap
-                bad = torch.isnan(logits) | (logits == float("inf"))
-                if bad.any():
-                    row = rows[int(b[s + int(bad.any(-1).nonzero()[0])])]
-                    raise ScoreError(
-                        f"{where}: non-finite (NaN or +inf) logits while scoring text {enc[row].id!r}"
-                    )
-                st = token_stats(logits, targets[s : s + chunk])
-                for k in (
-                    "logprob",
-                    "entropy",
-                    "varentropy",
-                    "rank",
-                    "top1_id",
-                    "top1_logprob",
-                    "margin",
-                ):
+            for s, st in _scored_chunks(h, targets, head, softcap, opts):
+                bad = ~st.pop("finite")
+                if bad.any():  # NaN, +inf or -inf among the logits: these rows exactly
+                    ids_of = [enc[rows[int(i)]].id for i in b[s : s + len(bad)]]
+                    st = _exact_rows(st, bad, h[s : s + len(bad)], targets[s : s + len(bad)],
+                                     head, softcap, ids_of, where)  # fmt: skip
+                for k in STAT_KEYS:
                     cols[k].append(st[k].cpu())
             batch_rows = torch.tensor(rows)[b]
             cols["row"].append(batch_rows)
