@@ -231,7 +231,7 @@ def test_speed_settings_rerun_nothing(scratch):
     # a user on a GPU raises batch sizes and budgets: finished jobs stay finished
     extra = write_config(scratch, {
         "score": {"token_budget": 8192, "max_batch": 128, "compile": True, "threads": 2,
-                  "device_map": "auto"},
+                  "device_map": "auto", "compile_stats": True, "head_positions": 256, "chunk_elements": 2**20},
         "generation": {"batch_size": 64, "kv_cache_gib": 4, "threads": 2, "gpu_memory_utilization": 0.5,
                        "enforce_eager": True, "tensor_parallel_size": 2, "device": "cpu"},
         "compute": {"device": "cpu", "device_map": "auto"},

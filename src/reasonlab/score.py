@@ -13,10 +13,16 @@ mean/median/std/min/max. Only completion tokens are scored by default (`scope="c
 
 How it stays fast and bounded: requests are sorted by length, longest first (an out-of-memory shows
 up in the first batch), and batched by a padded-token budget rather than a fixed count; the model's
-body runs once per batch, and the output head plus the statistics run only on the scored positions,
-in chunks of at most `chunk_elements` logits, in float32 whatever the model dtype. Everything is
-vectorized; there is no Python loop over tokens or the vocabulary. `compile=True` runs the model
-body through `torch.compile` (worth it for large jobs: the first batch pays about a minute).
+body runs once per batch, and the output head plus the statistics run only on the scored positions:
+`head_stats` takes `head_positions` positions at a time over blocks of the vocabulary (at most
+`chunk_elements` logits at once, never the whole [positions x vocabulary] matrix) with an online
+softmax, and computes every statistic in one compiled pass per block (`compile_stats`; eager
+PyTorch where compiling is not possible), in float32 whatever the model dtype. On a 151 936-token
+vocabulary the statistics then cost a few percent over the head's matrix products
+(benchmarks/score_vs_lmeval.py). Sizes left unset follow the device (`sized`): fixed on a CPU,
+from the free memory on a GPU. There is no Python loop over tokens or the vocabulary's entries.
+`compile=True` also runs the model body through `torch.compile` (the first batch pays about a
+minute).
 
 Tokenization boundary: the prompt and the completion are encoded separately and concatenated
 (`boundary="separate"`, the default), as LlamaFactory builds training examples and as a generator
@@ -159,8 +165,7 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     vocab = weight.shape[0]
     starts = list(range(0, vocab, vocab_block))
     # per block and position: maximum, and the sums of e^x, e^x·x, e^x·x² relative to it
-    sums = torch.empty((4, n, len(starts)), dtype=f32, device=dev)
-    above = torch.zeros(n, dtype=f32, device=dev)
+    sums = torch.empty((5, n, len(starts)), dtype=f32, device=dev)  # ... and the count above
     tgt = torch.zeros(n, dtype=f32, device=dev)
     # positions grouped by the block of their target, to read the target's logit from its block
     by_block = targets // vocab_block
@@ -183,12 +188,11 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
         logits = logits_of(h, v0, min(vocab, v0 + vocab_block))
         r = order[bounds[k] : bounds[k + 1]]
         tgt[r] = logits[r, targets[r] - v0]
-        bm, sb, s1b, s2b, n_above = block_stats(logits, ref)
-        above += n_above
-        sums[0, :, k], sums[1, :, k], sums[2, :, k], sums[3, :, k] = bm, sb, s1b, s2b
-    above -= (tgt > ref).to(f32)  # the target itself, where its logit rounded above `ref`
+        sums[:, :, k] = block_stats(logits, ref)
+    # the target itself is not above itself, where its logit rounded above `ref`
+    above = sums[4].sum(-1) - (tgt > ref).to(f32)
     # the blocks' sums moved to the overall maximum m (x' = x + d, d <= 0), then added
-    bmax, sb, s1b, s2b = sums
+    bmax, sb, s1b, s2b = sums[:4]
     m = bmax.amax(-1)
     d = bmax - m[:, None]
     a = torch.exp(d)
@@ -215,8 +219,9 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
 
 
 def _block_stats(logits, ref):
-    """One block's (maximum, sum of e^x, of e^x·x, of e^x·x², count of logits above `ref`), x =
-    logit - maximum; in place on `logits`, with PyTorch's fused softmax for the exponentials."""
+    """One block's [maximum, sum of e^x, of e^x·x, of e^x·x², count of logits above `ref`] per row
+    ([5, rows]), x = logit - maximum; in place on `logits`, with PyTorch's fused softmax for the
+    exponentials."""
     import torch
 
     above = torch.sub(logits, ref[:, None]).sign_().clamp_min_(0).sum(-1)
@@ -225,7 +230,7 @@ def _block_stats(logits, ref):
     p = torch.softmax(x, -1)
     sb = 1.0 / p.amax(-1)  # the block's sum of e^x (its largest term is e^0 = 1)
     y = p.mul_(x)
-    return bm, sb, sb * y.sum(-1), sb * torch.linalg.vecdot(y, x), above
+    return torch.stack([bm, sb, sb * y.sum(-1), sb * torch.linalg.vecdot(y, x), above])
 
 
 def _block_stats_plain(logits, ref):
@@ -237,7 +242,7 @@ def _block_stats_plain(logits, ref):
     e = torch.exp(x)
     ex = e * x
     above = (logits > ref[:, None]).sum(-1).to(torch.float32)
-    return bm[:, 0], e.sum(-1), ex.sum(-1), (ex * x).sum(-1), above
+    return torch.stack([bm[:, 0], e.sum(-1), ex.sum(-1), (ex * x).sum(-1), above])
 
 
 _COMPILED: dict = {}
