@@ -87,3 +87,12 @@ def test_two_gpus_spread_the_model(handle):
     model, tok = load_model(handle, p)
     _, seqs = score_items(model, tok, ITEMS, OPTS)
     assert seqs["n_tokens"].sum() > 0
+
+
+def test_scoring_sizes_follow_the_free_gpu_memory(handle):
+    from reasonlab.score import CPU_SIZES, sized
+
+    model, _ = load_model(handle, placement())
+    opts = sized(ScoreOptions(), model, "cuda:0")
+    assert opts.token_budget >= CPU_SIZES["token_budget"] and opts.head_positions == 4096
+    assert opts.chunk_elements >= CPU_SIZES["chunk_elements"]
