@@ -131,14 +131,19 @@ def test_llh_matches_the_models_own_loss(lm):
     assert tokens["entropy"].std() > 0.1  # the sharpened model is far from uniform
 
 
+def completion_logits(model, tok, item):
+    """The model's own logits at the positions predicting the completion's tokens, and those ids."""
+    p = tok(item.prompt, add_special_tokens=False)["input_ids"]
+    c = tok(item.completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1], c
+
+
 def test_per_token_values_match_full_logits(lm):
     model, tok = lm
     it = ITEMS[0]
     tokens, _ = score_items(model, tok, [it], ScoreOptions(**QUIET))
-    p = tok(it.prompt, add_special_tokens=False)["input_ids"]
-    c = tok(it.completion, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+    logits, c = completion_logits(model, tok, it)
     dist = torch.distributions.Categorical(logits=logits)
     assert torch.allclose(
         torch.tensor(tokens["entropy"].to_numpy()), dist.entropy().double(), atol=1e-5
@@ -310,10 +315,7 @@ def test_a_nan_or_inf_in_one_vocabulary_row_names_the_text_and_minus_inf_is_prob
     try:
         it = ITEMS[0]
         tokens, _ = score_items(model, tok, [it], ScoreOptions(**QUIET))
-        p = tok(it.prompt, add_special_tokens=False)["input_ids"]
-        c = tok(it.completion, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+        logits, c = completion_logits(model, tok, it)
         assert torch.isneginf(logits[:, 10:20]).all()
         dist = torch.distributions.Categorical(logits=logits)
         got = torch.tensor(tokens["entropy"].to_numpy())
