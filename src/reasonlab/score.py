@@ -146,7 +146,7 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     sums are then rescaled to the running maximum and added. Every statistic is in float32 whatever
     the model dtype, and the shift by the maximum keeps the varentropy of peaked distributions from
     cancelling (logits spread over 1e4 stay exact). The top two logits and the top-1 id come from
-    each block's maximum, argmax and second largest.
+    the block maxima and one recomputation of each position's winning block.
 
     `compiled`: the per-block statistics as one `torch.compile`d function (one loop over each
     block's logits instead of several passes: on a CPU the statistics then cost almost nothing
@@ -165,8 +165,7 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     vocab = weight.shape[0]
     starts = list(range(0, vocab, vocab_block))
     # per block and position: maximum, and the sums of e^x, e^x·x, e^x·x² relative to it
-    # ... and the count of logits above the target's, the block's argmax and second largest
-    sums = torch.empty((7, n, len(starts)), dtype=f32, device=dev)
+    sums = torch.empty((5, n, len(starts)), dtype=f32, device=dev)  # ... and the count above
     tgt = torch.zeros(n, dtype=f32, device=dev)
     # positions grouped by the block of their target, to read the target's logit from its block
     by_block = targets // vocab_block
@@ -204,10 +203,7 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     s2 = torch.where(keep, a * (s2b + 2 * d * s1b + d * d * sb), 0.0).sum(-1)
     log_s = torch.log(s)  # log-sum-exp = m + log_s: m is subtracted first (exact where close)
     mean = s1 / s
-    win = bmax.argmax(-1)  # the block holding the largest logit
-    top1_id = sums[5].gather(1, win[:, None])[:, 0].long() + win * vocab_block
-    others = bmax.scatter(1, win[:, None], float("-inf")).amax(-1)
-    second = torch.maximum(others, sums[6].gather(1, win[:, None])[:, 0])
+    top1_id, second = _top_two(h, logits_of, bmax, starts, vocab, vocab_block)
     top1 = -log_s  # the top logit is m
     finite = torch.isfinite(m + log_s) & torch.isfinite(s1) & torch.isfinite(s2)
     return {
@@ -223,20 +219,18 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
 
 
 def _block_stats(logits, ref):
-    """One block's [maximum, sum of e^x, of e^x·x, of e^x·x², count of logits above `ref`, argmax,
-    second largest] per row ([7, rows]), x = logit - maximum; in place on `logits`, with PyTorch's
-    fused softmax for the exponentials."""
+    """One block's [maximum, sum of e^x, of e^x·x, of e^x·x², count of logits above `ref`] per row
+    ([5, rows]), x = logit - maximum; in place on `logits`, with PyTorch's fused softmax for the
+    exponentials."""
     import torch
 
     above = torch.sub(logits, ref[:, None]).sign_().clamp_min_(0).sum(-1)
-    bm, arg = logits.max(-1)
-    second = logits.scatter(1, arg[:, None], float("-inf")).amax(-1)
+    bm = logits.amax(-1)
     x = logits.sub_(bm[:, None])  # the block's own maximum is 0
     p = torch.softmax(x, -1)
     sb = 1.0 / p.amax(-1)  # the block's sum of e^x (its largest term is e^0 = 1)
     y = p.mul_(x)
-    s1, s2 = sb * y.sum(-1), sb * torch.linalg.vecdot(y, x)
-    return torch.stack([bm, sb, s1, s2, above, arg.to(sb.dtype), second])
+    return torch.stack([bm, sb, sb * y.sum(-1), sb * torch.linalg.vecdot(y, x), above])
 
 
 def _block_stats_plain(logits, ref):
@@ -244,15 +238,11 @@ def _block_stats_plain(logits, ref):
     import torch
 
     bm = logits.amax(-1, keepdim=True)
-    arg = logits.argmax(-1, keepdim=True)
-    cols = torch.arange(logits.shape[-1], device=logits.device)
-    second = torch.where(cols[None, :] == arg, float("-inf"), logits).amax(-1)
     x = logits - bm
     e = torch.exp(x)
     ex = e * x
     above = (logits > ref[:, None]).sum(-1).to(torch.float32)
-    stats = [bm[:, 0], e.sum(-1), ex.sum(-1), (ex * x).sum(-1), above]
-    return torch.stack([*stats, arg[:, 0].to(torch.float32), second])
+    return torch.stack([bm[:, 0], e.sum(-1), ex.sum(-1), (ex * x).sum(-1), above])
 
 
 _COMPILED: dict = {}
@@ -280,6 +270,28 @@ def _compiled_block_stats(device):
 
         _COMPILED[key] = guarded
     return _COMPILED[key]
+
+
+def _top_two(h, logits_of, block_max, starts, vocab, vocab_block):
+    """(top-1 id, second-largest logit) per row: the winning block (largest block maximum) is
+    recomputed for the rows it wins, once per distinct block; the second largest is the larger of
+    that block's second and the other blocks' maxima."""
+    import torch
+
+    n = h.shape[0]
+    win = block_max.argmax(-1)
+    others = block_max.scatter(1, win[:, None], float("-inf")).amax(-1)
+    top1_id = torch.zeros(n, dtype=torch.long, device=h.device)
+    second = others.clone()
+    for k in win.unique().tolist():
+        rows = (win == k).nonzero()[:, 0]
+        v0 = starts[k]
+        block = logits_of(h[rows], v0, min(vocab, v0 + vocab_block))
+        top = block.topk(min(2, block.shape[1]), dim=-1)
+        top1_id[rows] = top.indices[:, 0] + v0
+        if top.values.shape[1] > 1:
+            second[rows] = torch.maximum(others[rows], top.values[:, 1])
+    return top1_id, second
 
 
 # ------------------------------------------------------------------------------ encoding
