@@ -165,7 +165,8 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     vocab = weight.shape[0]
     starts = list(range(0, vocab, vocab_block))
     # per block and position: maximum, and the sums of e^x, e^x·x, e^x·x² relative to it
-    sums = torch.empty((5, n, len(starts)), dtype=f32, device=dev)  # ... and the count above
+    # ... and the count of logits above the target's, the block's argmax and second largest
+    sums = torch.empty((7, n, len(starts)), dtype=f32, device=dev)
     tgt = torch.zeros(n, dtype=f32, device=dev)
     # positions grouped by the block of their target, to read the target's logit from its block
     by_block = targets // vocab_block
@@ -203,7 +204,10 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     s2 = torch.where(keep, a * (s2b + 2 * d * s1b + d * d * sb), 0.0).sum(-1)
     log_s = torch.log(s)  # log-sum-exp = m + log_s: m is subtracted first (exact where close)
     mean = s1 / s
-    top1_id, second = _top_two(h, logits_of, bmax, starts, vocab, vocab_block)
+    win = bmax.argmax(-1)  # the block holding the largest logit
+    top1_id = sums[5].gather(1, win[:, None])[:, 0].long() + win * vocab_block
+    others = bmax.scatter(1, win[:, None], float("-inf")).amax(-1)
+    second = torch.maximum(others, sums[6].gather(1, win[:, None])[:, 0])
     top1 = -log_s  # the top logit is m
     finite = torch.isfinite(m + log_s) & torch.isfinite(s1) & torch.isfinite(s2)
     return {
@@ -225,12 +229,14 @@ def _block_stats(logits, ref):
     import torch
 
     above = torch.sub(logits, ref[:, None]).sign_().clamp_min_(0).sum(-1)
-    bm = logits.amax(-1)
+    bm, arg = logits.max(-1)
+    second = logits.scatter(1, arg[:, None], float("-inf")).amax(-1)
     x = logits.sub_(bm[:, None])  # the block's own maximum is 0
     p = torch.softmax(x, -1)
     sb = 1.0 / p.amax(-1)  # the block's sum of e^x (its largest term is e^0 = 1)
     y = p.mul_(x)
-    return torch.stack([bm, sb, sb * y.sum(-1), sb * torch.linalg.vecdot(y, x), above])
+    s1, s2 = sb * y.sum(-1), sb * torch.linalg.vecdot(y, x)
+    return torch.stack([bm, sb, s1, s2, above, arg.to(sb.dtype), second])
 
 
 def _block_stats_plain(logits, ref):
@@ -242,7 +248,15 @@ def _block_stats_plain(logits, ref):
     e = torch.exp(x)
     ex = e * x
     above = (logits > ref[:, None]).sum(-1).to(torch.float32)
-    return torch.stack([bm[:, 0], e.sum(-1), ex.sum(-1), (ex * x).sum(-1), above])
+    # in the same loop: where the maximum is (its last column), how often, and the largest below it
+    top = x == 0
+    cols = torch.arange(x.shape[-1], device=x.device, dtype=torch.float32)
+    arg = torch.where(top, cols, -1.0).amax(-1)
+    ties = top.sum(-1).to(torch.float32)
+    below = torch.where(top, float("-inf"), x).amax(-1)
+    second = bm[:, 0] + torch.where(ties > 1, 0.0, below)
+    stats = [bm[:, 0], e.sum(-1), ex.sum(-1), (ex * x).sum(-1), above]
+    return torch.stack([*stats, arg, second])
 
 
 _COMPILED: dict = {}
@@ -270,28 +284,6 @@ def _compiled_block_stats(device):
 
         _COMPILED[key] = guarded
     return _COMPILED[key]
-
-
-def _top_two(h, logits_of, block_max, starts, vocab, vocab_block):
-    """(top-1 id, second-largest logit) per row: the winning block (largest block maximum) is
-    recomputed for the rows it wins, once per distinct block; the second largest is the larger of
-    that block's second and the other blocks' maxima."""
-    import torch
-
-    n = h.shape[0]
-    win = block_max.argmax(-1)
-    others = block_max.scatter(1, win[:, None], float("-inf")).amax(-1)
-    top1_id = torch.zeros(n, dtype=torch.long, device=h.device)
-    second = others.clone()
-    for k in win.unique().tolist():
-        rows = (win == k).nonzero()[:, 0]
-        v0 = starts[k]
-        block = logits_of(h[rows], v0, min(vocab, v0 + vocab_block))
-        top = block.topk(min(2, block.shape[1]), dim=-1)
-        top1_id[rows] = top.indices[:, 0] + v0
-        if top.values.shape[1] > 1:
-            second[rows] = torch.maximum(others[rows], top.values[:, 1])
-    return top1_id, second
 
 
 # ------------------------------------------------------------------------------ encoding
