@@ -280,7 +280,13 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def write_record(rec: dict, path: str | Path) -> None:
+def write_record(rec: dict, path: str | Path | None) -> None:
+    """Log how a job ran and, when `path` is given, write it there (JSON)."""
+    import logging
+
+    logging.getLogger(__name__).info("ran with %s", rec)
+    if path is None:
+        return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")

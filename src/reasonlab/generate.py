@@ -317,14 +317,12 @@ def generate_dataset(
 
     from reasonlab import compute as cp
     from reasonlab.data import read_dataset
-    from reasonlab.models import checkpoint_dtype_of, load_tokenizer, read_handle
+    from reasonlab.models import load_tokenizer, place, read_handle
 
     h = read_handle(handle_path)
     rows = read_dataset(data_path).to_dicts()
     backend_name = pick_backend(opts.backend)
-    machine = cp.Machine.detect()
-    placement = cp.resolve(compute or cp.Request(), machine, checkpoint_dtype_of(h), f"{h.model}/{h.ckpt}")  # fmt: skip
-    log.info("placement: %s", placement)
+    machine, placement = place(h, compute, f"{h.model}/{h.ckpt}")
     shard_dir = Path(str(out_path) + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     engine = None
@@ -383,9 +381,7 @@ def generate_dataset(
     log.info("generated %s", summary)
     rec = cp.record(placement, machine, "generate", model=h.model, ckpt=h.ckpt, backend=backend_name,
                     seconds=summary["seconds"], peak_gpu_memory_gib=peak)  # fmt: skip
-    log.info("ran with %s", rec)
-    if record_path:
-        cp.write_record(rec, record_path)
+    cp.write_record(rec, record_path)
     return summary | {"compute": rec}
 
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from reasonlab import ReasonlabError
+
+log = logging.getLogger(__name__)
 
 HANDLE_VERSION = 1
 FULL_HASH_LIMIT = (
@@ -384,6 +387,19 @@ def checkpoint_dtype_of(handle: Handle | dict | str | Path) -> str | None:
         found = try_to_load_from_cache(h.hub_id, "config.json", revision=h.commit)
         return checkpoint_dtype(Path(found).parent) if isinstance(found, str) else None
     return checkpoint_dtype(h.location)
+
+
+def place(handle: Handle | dict | str | Path, request=None, where: str = ""):
+    """(machine, placement) of a job that loads `handle`: the request (a
+    `reasonlab.compute.Request`; default auto) resolved against what this job sees, logged."""
+    from reasonlab import compute
+
+    machine = compute.Machine.detect()
+    placement = compute.resolve(
+        request or compute.Request(), machine, checkpoint_dtype_of(handle), where
+    )
+    log.info("placement: %s", placement)
+    return machine, placement
 
 
 def input_device(model):

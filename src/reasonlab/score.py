@@ -777,15 +777,13 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
 
     from reasonlab import compute as cp
     from reasonlab.data import read_dataset
-    from reasonlab.models import checkpoint_dtype_of, load_model, read_handle
+    from reasonlab.models import load_model, place, read_handle
 
     if threads:
         torch.set_num_threads(threads)
     h = read_handle(handle)
     where = f"{h.model}/{h.ckpt}"
-    machine = cp.Machine.detect()
-    placement = cp.resolve(compute or cp.Request(), machine, checkpoint_dtype_of(h), where)
-    log.info("placement: %s", placement)
+    machine, placement = place(h, compute, where)
     model, tok = load_model(h, placement, merge_adapter=True)
     if "token_ids" in pl.read_parquet_schema(texts):  # generations (the grade rule's table)
         t = textsets.parse(name) if name else textsets.TextSet("")
@@ -808,7 +806,5 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
     log.info("scored %s", summary)
     rec = cp.record(placement, machine, "score", model=h.model, ckpt=h.ckpt, textset=name,
                     seconds=summary["seconds"], peak_gpu_memory_gib=cp.peak_gpu_memory_gib() if placement.on_gpu else None)  # fmt: skip
-    log.info("ran with %s", rec)
-    if record_path:
-        cp.write_record(rec, record_path)
+    cp.write_record(rec, record_path)
     return summary | {"compute": rec}
