@@ -14,8 +14,9 @@ one-off compilation of its statistics, timed apart); lm-eval runs at its fastest
 1, 8, 16 and 32 (each timed once after warm-up); then the two alternate `--runs` times and the
 medians are compared. Without compilation (`compile_stats=False`) reasonlab is timed in the same
 alternation. `stats_overhead` is the time of the output head with the statistics over the time of
-the head alone (the same blocked matrix products), on the scored positions' hidden states,
-alternated `--runs` times. Peak RSS is each worker process's own. The last line is one JSON object.
+the head alone (the same blocked matrix products), on the scored positions' hidden states, the two
+alternating chunk by chunk of `head_positions` (which goes first alternates too), median of
+`--runs`. Peak RSS is each worker process's own. The last line is one JSON object.
 """
 
 import argparse
@@ -47,7 +48,7 @@ def rss_mb() -> float:
 
 
 def reasonlab_worker(model_dir: str, requests: list, threads: int) -> None:
-    """Serve `run <compile 0|1>` and `overhead` on stdin; one JSON line per answer on stdout."""
+    """Serve `run <compile 0|1>` and `overhead <run>` on stdin; one JSON line per answer on stdout."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,17 +83,26 @@ def reasonlab_worker(model_dir: str, requests: list, threads: int) -> None:
     o = sized(opts[True], model, W.device)
     block = max(128, o.chunk_elements // o.head_positions)
 
-    def head_alone():
-        with torch.inference_mode():
-            for s in range(0, H.shape[0], o.head_positions):
-                for v0 in range(0, W.shape[0], block):
-                    torch.nn.functional.linear(H[s : s + o.head_positions], W[v0 : v0 + block])
+    def head_alone(s):
+        for v0 in range(0, W.shape[0], block):
+            torch.nn.functional.linear(H[s : s + o.head_positions], W[v0 : v0 + block])
 
-    def with_stats():
+    def with_stats(s):
+        head_stats(H[s : s + o.head_positions], W, T[s : s + o.head_positions],
+                   vocab_block=block, compiled=True)  # fmt: skip
+
+    def overhead(run):
+        """Head alone and head + statistics on each chunk of positions in turn, which first
+        alternating from chunk to chunk and run to run (this machine's speed drifts)."""
+        spent = {head_alone: 0.0, with_stats: 0.0}
         with torch.inference_mode():
-            for s in range(0, H.shape[0], o.head_positions):
-                head_stats(H[s : s + o.head_positions], W, T[s : s + o.head_positions],
-                           vocab_block=block, compiled=True)  # fmt: skip
+            for i, s in enumerate(range(0, H.shape[0], o.head_positions)):
+                pair = (head_alone, with_stats) if (i + run) % 2 == 0 else (with_stats, head_alone)
+                for f in pair:
+                    t0 = time.perf_counter()
+                    f(s)
+                    spent[f] += time.perf_counter() - t0
+        return {"head_s": spent[head_alone], "head_stats_s": spent[with_stats]}
 
     print(json.dumps({"ready": True, "compile_s": compile_s}), flush=True)
     for line in sys.stdin:
@@ -102,12 +112,7 @@ def reasonlab_worker(model_dir: str, requests: list, threads: int) -> None:
             _, seqs = score_items(model, tok, items, opts[cmd[1] == "1"])
             out = {"seconds": time.perf_counter() - t0, "llh": seqs["llh_sum"].to_list()}
         elif cmd[0] == "overhead":
-            t0 = time.perf_counter()
-            head_alone()
-            a = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            with_stats()
-            out = {"head_s": a, "head_stats_s": time.perf_counter() - t0}
+            out = overhead(int(cmd[1]))
         else:
             out = {"rss_mb": rss_mb()}
         print(json.dumps(out), flush=True)
@@ -173,13 +178,13 @@ def compare(model_dir, requests_file, n_tokens, threads, runs, label) -> dict:
     sizes = {bs: lm.ask(f"run {bs}")["seconds"] for bs in BATCH_SIZES}
     best = min(sizes, key=sizes.get)
     t_rl, t_eager, t_lm, heads, stats = [], [], [], [], []
-    for _ in range(runs):
+    for run in range(runs):
         a = rl.ask("run 1")
         t_rl.append(a["seconds"])
         b = lm.ask(f"run {best}")
         t_lm.append(b["seconds"])
         t_eager.append(rl.ask("run 0")["seconds"])
-        o = rl.ask("overhead")
+        o = rl.ask(f"overhead {run}")
         heads.append(o["head_s"])
         stats.append(o["head_stats_s"])
     diff = max(abs(x - y) for x, y in zip(a["llh"], b["llh"], strict=True))

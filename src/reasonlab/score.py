@@ -146,11 +146,11 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     sums are then rescaled to the running maximum and added. Every statistic is in float32 whatever
     the model dtype, and the shift by the maximum keeps the varentropy of peaked distributions from
     cancelling (logits spread over 1e4 stay exact). The top two logits and the top-1 id come from
-    the block maxima and one recomputation of each position's winning block.
+    each block's maximum, argmax and second largest; the target's logit from its own block.
 
     `compiled`: the per-block statistics as one `torch.compile`d function (one loop over each
-    block's logits instead of several passes: on a CPU the statistics then cost almost nothing
-    beside the head; compiling costs seconds once per process, and falls back to eager with a
+    block's logits instead of several passes: on a CPU the statistics then cost about a tenth of
+    the head's matrix products; compiling costs seconds once per process, and falls back to eager with a
     warning where it cannot run).
 
     Returns the keys of `token_stats`, plus `finite` ([N] bool): False for a row whose logits hold a
@@ -161,17 +161,9 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     import torch
     import torch.nn.functional as F
 
-    n, dev, f32 = h.shape[0], h.device, torch.float32
+    dev, f32 = h.device, torch.float32
     vocab = weight.shape[0]
-    starts = list(range(0, vocab, vocab_block))
-    # per block and position: maximum, and the sums of e^x, e^x·x, e^x·x² relative to it
-    # ... and the count of logits above the target's, the block's argmax and second largest
-    sums = torch.empty((7, n, len(starts)), dtype=f32, device=dev)
-    tgt = torch.zeros(n, dtype=f32, device=dev)
-    # positions grouped by the block of their target, to read the target's logit from its block
-    by_block = targets // vocab_block
-    order = torch.argsort(by_block)
-    bounds = torch.searchsorted(by_block[order], torch.arange(len(starts) + 1, device=dev)).tolist()
+    targets = targets.long()
 
     def logits_of(hh, v0, v1):
         out = F.linear(hh, weight[v0:v1], None if bias is None else bias[v0:v1]).float()
@@ -185,11 +177,15 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     if softcap:
         ref = torch.tanh(ref / softcap) * softcap
     block_stats = _compiled_block_stats(dev) if compiled else _block_stats
-    for k, v0 in enumerate(starts):
-        logits = logits_of(h, v0, min(vocab, v0 + vocab_block))
-        r = order[bounds[k] : bounds[k + 1]]
-        tgt[r] = logits[r, targets[r] - v0]
-        sums[:, :, k] = block_stats(logits, ref)
+    # per block, [8, n]: maximum, the sums of e^x, e^x·x, e^x·x² relative to it, the count of
+    # logits above the target's, the block's argmax and second largest, and the logit of each
+    # row's target column as that block sees it (valid in the target's own block)
+    blocks = [
+        block_stats(logits_of(h, v0, min(vocab, v0 + vocab_block)), ref, targets - v0)
+        for v0 in range(0, vocab, vocab_block)
+    ]
+    sums = torch.stack(blocks, -1)
+    tgt = sums[7].gather(1, (targets // vocab_block)[:, None])[:, 0]
     # the target itself is not above itself, where its logit rounded above `ref`
     above = sums[4].sum(-1) - (tgt > ref).to(f32)
     # the blocks' sums moved to the overall maximum m (x' = x + d, d <= 0), then added
@@ -222,12 +218,14 @@ def head_stats(h, weight, targets, bias=None, softcap: float | None = None,
     }
 
 
-def _block_stats(logits, ref):
-    """One block's [maximum, sum of e^x, of e^x·x, of e^x·x², count of logits above `ref`] per row
-    ([5, rows]), x = logit - maximum; in place on `logits`, with PyTorch's fused softmax for the
-    exponentials."""
+def _block_stats(logits, ref, t):
+    """One block's [maximum, sum of e^x, of e^x·x, of e^x·x², count of logits above `ref`, argmax,
+    second largest, logit at column `t`] per row ([8, rows]), x = logit - maximum; in place on
+    `logits`, with PyTorch's fused softmax for the exponentials. `t`: each row's target column in
+    this block (outside [0, width) for a target in another block: that entry is then meaningless)."""
     import torch
 
+    at_t = logits.gather(1, t.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
     above = torch.sub(logits, ref[:, None]).sign_().clamp_min_(0).sum(-1)
     bm, arg = logits.max(-1)
     second = logits.scatter(1, arg[:, None], float("-inf")).amax(-1)
@@ -236,27 +234,29 @@ def _block_stats(logits, ref):
     sb = 1.0 / p.amax(-1)  # the block's sum of e^x (its largest term is e^0 = 1)
     y = p.mul_(x)
     s1, s2 = sb * y.sum(-1), sb * torch.linalg.vecdot(y, x)
-    return torch.stack([bm, sb, s1, s2, above, arg.to(sb.dtype), second])
+    return torch.stack([bm, sb, s1, s2, above, arg.to(sb.dtype), second, at_t])
 
 
-def _block_stats_plain(logits, ref):
-    """`_block_stats` written for the compiler: it fuses these into one or two loops per row."""
+def _block_stats_plain(logits, ref, t):
+    """`_block_stats` written for the compiler: it fuses these into two loops per row (the maximum,
+    then everything else; counts are kept in float32, which vectorizes better than int64)."""
     import torch
 
+    at_t = logits.gather(1, t.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
     bm = logits.amax(-1, keepdim=True)
     x = logits - bm
     e = torch.exp(x)
     ex = e * x
-    above = (logits > ref[:, None]).sum(-1).to(torch.float32)
+    above = torch.where(logits > ref[:, None], 1.0, 0.0).sum(-1)
     # in the same loop: where the maximum is (its last column), how often, and the largest below it
     top = x == 0
     cols = torch.arange(x.shape[-1], device=x.device, dtype=torch.float32)
     arg = torch.where(top, cols, -1.0).amax(-1)
-    ties = top.sum(-1).to(torch.float32)
+    ties = torch.where(top, 1.0, 0.0).sum(-1)
     below = torch.where(top, float("-inf"), x).amax(-1)
     second = bm[:, 0] + torch.where(ties > 1, 0.0, below)
     stats = [bm[:, 0], e.sum(-1), ex.sum(-1), (ex * x).sum(-1), above]
-    return torch.stack([*stats, arg, second])
+    return torch.stack([*stats, arg, second, at_t])
 
 
 _COMPILED: dict = {}
@@ -271,16 +271,16 @@ def _compiled_block_stats(device):
     if key not in _COMPILED:
         fn = torch.compile(_block_stats_plain, dynamic=True)
 
-        def guarded(logits, ref):
+        def guarded(logits, ref, t):
             if _COMPILED[key] is not guarded:
-                return _COMPILED[key](logits, ref)
+                return _COMPILED[key](logits, ref, t)
             try:
-                return fn(logits, ref)
+                return fn(logits, ref, t)
             except Exception as e:  # the compiler's errors have no common base class
                 log.warning("compiling the scoring statistics failed (%s); running them eagerly",
                             str(e).splitlines()[0][:200])  # fmt: skip
                 _COMPILED[key] = _block_stats
-                return _block_stats(logits, ref)
+                return _block_stats(logits, ref, t)
 
         _COMPILED[key] = guarded
     return _COMPILED[key]
