@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from reasonlab import options, textsets
+from reasonlab.activations import CaptureOptions
 from reasonlab.config import config_hash, validate
 from reasonlab.generate import GenOptions
 from reasonlab.plan import Plan, as_json, canonical, results_config, table_paths
@@ -193,24 +194,35 @@ def test_dtype_is_a_param_resolved_by_precedence_and_gpus():
 def test_compute_records_cover_every_model_loading_job():
     p = plan_of()
     records = p.compute_records()
-    assert len(records) == len(set(records)) == len(p.gen_jobs) + len(p.score_jobs)
+    n = len(p.gen_jobs) + len(p.score_jobs) + len(p.capture_jobs)
+    assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 9
     assert p.compute_record("score", "tiny", "final", "demo-pool") in records
+    assert p.compute_record("capture_activations", "tiny", "final", "control") in records
 
 
 def test_options_come_from_the_dataclasses():
     # every option field the config has reaches the job, split by the field's declaration alone
-    for cls, section in ((ScoreOptions, "score"), (GenOptions, "generation")):
+    for cls, section in ((ScoreOptions, "score"), (GenOptions, "generation"),
+                         (CaptureOptions, "activations")):  # fmt: skip
         p = plan_of()
         results, speed = (
             json.loads(s)
-            for s in getattr(p, f"{'score' if section == 'score' else 'gen'}_options")()
+            for s in getattr(
+                p,
+                {
+                    "score": "score_options",
+                    "generation": "gen_options",
+                    "activations": "capture_options",
+                }[section],
+            )()  # fmt: skip
         )
         fields = {f.name: options.is_speed(f) for f in dataclasses.fields(cls)}
         in_config = set(p.config[section]) & set(fields)
         assert set(results) | set(speed) == in_config
         assert all(not fields[k] for k in results) and all(fields[k] for k in speed)
         # non-fields (job selection, threads) never reach the options
-        assert not ({"datasets", "models", "textsets", "threads"} & (set(results) | set(speed)))
+        assert not ({"datasets", "models", "textsets", "threads", "prompt_sets", "store"}
+                    & (set(results) | set(speed)))  # fmt: skip
     assert set(options.speed_fields(ScoreOptions)) >= {"token_budget", "max_batch", "compile"}
     assert set(options.speed_fields(GenOptions)) == {
         "batch_size", "kv_cache_gib", "gpu_memory_utilization", "enforce_eager", "tensor_parallel_size"
@@ -279,6 +291,7 @@ def test_report_tables_follow_the_active_stages():
         cfg["generation"]["datasets"] = []
         cfg["generation"]["models"] = None
         cfg["models"] = {"tiny-init": cfg["models"]["tiny-init"]}
+        cfg["activations"] = {}
 
     q = plan_of(no_training_no_generation)
     assert q.gen_jobs == [] and all(not textsets.parse(j.textset).generated for j in q.score_jobs)

@@ -340,6 +340,42 @@ def aggregate_scores(a, log):
                            extremes=a.extremes, detailed=a.detailed)  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- activations
+
+
+@step(
+    "capture-activations",
+    "residual-stream activations of a prompt set under one checkpoint, into the content-keyed store",
+    lambda p: (
+        p.add_argument("--handle", required=True),
+        p.add_argument("--texts", required=True, help="a prepared dataset or graded generations"),
+        p.add_argument("--promptset", required=True, help="the prompt set's name"),
+        p.add_argument(
+            "--set",
+            type=_json,
+            required=True,
+            help='the prompt set (JSON): {"dataset"|"generations": d, "max_texts", "template", "system"}',
+        ),  # fmt: skip
+        p.add_argument("--index", required=True, help="the index table to write (Parquet)"),
+        p.add_argument("--meta", required=True, help="the metadata to write (JSON)"),
+        p.add_argument("--store", required=True, help="the store's root directory"),
+        p.add_argument("--options", type=_json, default={}, help="CaptureOptions fields (JSON)"),
+        p.add_argument("--speed", type=_json, default={}, help="speed-only CaptureOptions (JSON)"),
+        p.add_argument("--threads", type=int),
+        _compute_arguments(p),
+    ),
+)
+def capture_activations(a, log):
+    from reasonlab.activations import capture_promptset
+
+    spec = a.set
+    capture_promptset(a.handle, a.texts, a.index, a.meta, a.store, a.promptset,
+                      source="generations" if "generations" in spec else "dataset",
+                      options={**a.options, **a.speed}, template=spec.get("template") or "chat",
+                      system=spec.get("system"), max_texts=spec.get("max_texts"), threads=a.threads,
+                      compute=_request(a), record_path=a.record)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from reasonlab import ReasonlabError, textsets
+from reasonlab.activations import parse_positions
 from reasonlab.models import folder_checkpoints
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -244,8 +245,47 @@ def _check_references(config: dict) -> None:
                     f"{key}[{i}]: {kind} {name!r} is not defined under {kind}s; "
                     f"defined {kind}s are: {', '.join(sorted(defined))}"
                 )
+    problems += _activation_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _activation_problems(config: dict) -> list[str]:
+    """`activations`: models defined, prompt sets naming defined datasets, a generations set only
+    for models that generate that dataset, at least one position."""
+    act, problems = config.get("activations") or {}, []
+    if not act:
+        return problems
+    for i, m in enumerate(act["models"]):
+        if m not in config["models"]:
+            problems.append(f"activations.models[{i}]: model {m!r} is not defined under models; "
+                            f"defined models are: {', '.join(sorted(config['models']))}")  # fmt: skip
+    gen = config["generation"]
+    generating = set(gen["models"] or config["models"])
+    for name, spec in act["prompt_sets"].items():
+        d = spec.get("dataset") or spec.get("generations")
+        if d not in config["datasets"]:
+            problems.append(f"activations.prompt_sets.{name}: dataset {d!r} is not defined under "
+                            f"datasets; defined datasets are: {', '.join(sorted(config['datasets']))}")  # fmt: skip
+        elif "generations" in spec:
+            if d not in gen["datasets"]:
+                problems.append(f"activations.prompt_sets.{name}: generations of {d!r} need "
+                                f"{d!r} in generation.datasets")  # fmt: skip
+            missing = [m for m in act["models"] if m in config["models"] and m not in generating]
+            if missing:
+                problems.append(f"activations.prompt_sets.{name}: model(s) {', '.join(missing)} do not "
+                                "generate (generation.models); capture their generations only where they do")  # fmt: skip
+    if act["models"] and not act["prompt_sets"]:
+        problems.append(
+            "activations.prompt_sets: activations.models is set but no prompt set is defined"
+        )
+    if not act["positions"]:
+        problems.append("activations.positions: give at least one position rule")
+    try:
+        parse_positions(act["positions"], tail_default=1)
+    except ReasonlabError as e:
+        problems.append(str(e))
+    return problems
 
 
 def _generated_textset_problems(key: str, name: str, config: dict) -> list[str]:

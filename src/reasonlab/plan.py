@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reasonlab import compute, options, textsets
+from reasonlab.activations import CaptureOptions
 from reasonlab.data import is_local
 from reasonlab.generate import GenOptions
 from reasonlab.models import local_path
@@ -38,6 +39,7 @@ WILDCARDS = {
     "dataset": textsets.NAME,
     "run": textsets.NAME,
     "textset": textsets.TEXTSET,
+    "promptset": textsets.NAME,
     "env": "|".join(ENVIRONMENTS),
 }
 
@@ -63,14 +65,17 @@ def table_paths(names: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 
 # rules that load a model -> their config section (its device / dtype / device_map override `compute`)
-COMPUTE_STAGES = {"score": "score", "generate": "generation"}
+COMPUTE_STAGES = {"score": "score", "generate": "generation", "capture_activations": "activations"}
 PLACEMENT_KEYS = ("device", "device_map")  # where a model runs: speed only, never a param
 
 
 def results_config(config: dict) -> dict:
     """The config without the options that change only speed (what the report's config hash covers)."""
     out = dict(config)
-    for section, cls in (("score", ScoreOptions), ("generation", GenOptions)):
+    for section, cls in (("score", ScoreOptions), ("generation", GenOptions),
+                         ("activations", CaptureOptions)):  # fmt: skip
+        if section not in config:
+            continue
         drop = set(options.speed_fields(cls)) | {"threads", *PLACEMENT_KEYS}
         out[section] = {k: v for k, v in config[section].items() if k not in drop}
     if "compute" in config:
@@ -83,6 +88,13 @@ class GenTask:
     model: str
     ckpt: str
     dataset: str
+
+
+@dataclass(frozen=True)
+class CaptureTask:
+    model: str
+    ckpt: str
+    promptset: str
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,7 @@ class Plan:
         self.training: dict = config["training"]
         self.generation: dict = config["generation"]
         self.score: dict = config["score"]
+        self.activations: dict = config.get("activations") or {}
 
     # ------------------------------------------------------------------ models and handles
 
@@ -288,6 +301,48 @@ class Plan:
             return self.gen_output(t.model, t.ckpt, t.dataset)
         return self.dataset_table(t.dataset)
 
+    # ------------------------------------------------------------------ activations
+
+    @cached_property
+    def capture_jobs(self) -> list[CaptureTask]:
+        """Every prompt set under every analysed checkpoint of `activations.models`."""
+        sets = sorted(self.activations.get("prompt_sets") or {})
+        return [
+            CaptureTask(m, c, s)
+            for m in sorted(self.activations.get("models") or [])
+            for c in self.checkpoints(m)
+            for s in sets
+        ]
+
+    @staticmethod
+    def capture_output(model: str, ckpt: str, promptset: str, kind: str) -> str:
+        """`kind`: index (the texts' labels and store rows, Parquet) or meta (JSON)."""
+        ext = "parquet" if kind == "index" else "json"
+        return f"results/activations/{model}/{ckpt}/{promptset}.{kind}.{ext}"
+
+    def capture_outputs(self, kind: str) -> list[str]:
+        return [self.capture_output(j.model, j.ckpt, j.promptset, kind) for j in self.capture_jobs]
+
+    def capture_input(self, model: str, ckpt: str, promptset: str) -> str:
+        """A dataset prompt set's prepared table, or this checkpoint's graded generations."""
+        spec = self.activations["prompt_sets"][promptset]
+        if "generations" in spec:
+            return self.gen_output(model, ckpt, spec["generations"])
+        return self.dataset_table(spec["dataset"])
+
+    def capture_set(self, promptset: str) -> str:
+        """A prompt set's settings as JSON (a param), with the template and system it renders with."""
+        spec = dict(self.activations["prompt_sets"][promptset])
+        if "dataset" in spec:
+            spec["template"] = self.activations["template"] or self.generation["template"]
+            spec["system"] = self.activations["system"] or self.generation["system"]
+        return as_json(spec)
+
+    def capture_options(self) -> tuple[str, str]:
+        """(result options, speed options) of activation capture as JSON: the first is a param."""
+        results, speeds = options.split(CaptureOptions, self.activations)
+        return as_json(results), as_json(speeds)
+
     # ------------------------------------------------------------------ devices and dtypes
 
     def compute(self, rule: str, model: str) -> compute.Request:
@@ -318,6 +373,9 @@ class Plan:
         """Every model-loading job's record (the run overview's input)."""
         return [self.compute_record("generate", j.model, j.ckpt, j.dataset) for j in self.gen_jobs] + [
             self.compute_record("score", j.model, j.ckpt, j.textset) for j in self.score_jobs
+        ] + [
+            self.compute_record("capture_activations", j.model, j.ckpt, j.promptset)
+            for j in self.capture_jobs
         ]  # fmt: skip
 
     # ------------------------------------------------------------------ aggregation and report

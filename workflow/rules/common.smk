@@ -50,6 +50,7 @@ CONFIG_HASH = config_hash(results_config(config))
 # options that change only speed reach the jobs through speed_only(): changing them re-runs nothing
 GEN_OPTIONS, GEN_SPEED = PLAN.gen_options()
 SCORE_OPTIONS, SCORE_SPEED = PLAN.score_options()
+CAPTURE_OPTIONS, CAPTURE_SPEED = PLAN.capture_options()
 # the defaults of every training run (a shipped resource, so found beside the Snakefile)
 LLAMAFACTORY_TEMPLATE = str(
     Path(workflow.basedir) / "resources" / "llamafactory" / "train.yaml"
@@ -185,6 +186,14 @@ def get_dataset_format(wildcards):
 
 def get_textset_input(wildcards):
     return PLAN.textset_input(wildcards.textset)
+
+
+def get_capture_input(wildcards):
+    return PLAN.capture_input(wildcards.model, wildcards.ckpt, wildcards.promptset)
+
+
+def get_capture_set(wildcards):
+    return PLAN.capture_set(wildcards.promptset)
 
 
 def get_run_base_handle(wildcards):
