@@ -31,7 +31,7 @@ smoke() {
     core) echo "import snakemake, torch, transformers, polars, altair, vl_convert, datasets, reasonlab" ;;
     train) echo "import torch, reasonlab; from llamafactory.train.tuner import run_exp" ;;
     gen) echo "import torch, reasonlab, vllm" ;;
-    peers) echo "import torch, reasonlab, lm_eval; from lm_eval.models.huggingface import HFLM" ;;
+    peers) echo "import torch, reasonlab, lm_eval, nnsight; from lm_eval.models.huggingface import HFLM" ;;
   esac
 }
 
