@@ -299,6 +299,6 @@ def test_dataset_prompts_are_rendered_as_generation_renders_them(tiny_model_dir)
                                    add_generation_prompt=True)  # fmt: skip
     assert texts[0].ids == tok(want, add_special_tokens=False)["input_ids"]
     assert texts[0].n_prompt == len(texts[0].ids)
-    assert texts[1].labels == {"set": "reasoning", "type": "y", "level": 2, "correct": None}
+    assert texts[1].labels == {"set": "reasoning", "type": "y", "level": "2", "correct": None}
     fmt = dataset_texts(df, tok, "Q: {question}\nA:", None, "plain")
     assert tok.decode(fmt[0].ids) == "Q: What is 2+2?\nA:"

@@ -102,6 +102,29 @@ def decoder_parts(model) -> Parts:
     )
 
 
+# per block: the modules whose outputs are added to the residual stream, tried in order
+WRITERS = (
+    ("post_attention_layernorm", "post_feedforward_layernorm"),  # Gemma2/3: normed before the add
+    ("self_attn", "mlp"),  # Qwen2, Llama, Mistral, Gemma
+    ("self_attn", "fc2"),  # OPT
+    ("attn", "mlp"),  # GPT-2, GPT-J
+    ("attention", "mlp"),  # GPT-NeoX
+)
+
+
+def residual_writers(block) -> list:
+    """The submodules of a decoder block whose outputs are added to the residual stream."""
+    for names in WRITERS:
+        mods = [getattr(block, n, None) for n in names]
+        if all(m is not None for m in mods):
+            return mods
+    raise ActivationError(
+        f"{type(block).__name__}: no known attention/MLP outputs to intervene on (tried "
+        + ", ".join(" + ".join(n) for n in WRITERS)
+        + "); add them to reasonlab.activations.WRITERS"
+    )
+
+
 def site_name(layer: int, n_layers: int) -> str:
     return FINAL if layer == n_layers else f"resid_pre.{layer}"
 
@@ -212,7 +235,9 @@ def dataset_texts(df, tokenizer, template: str = "chat", system: str | None = No
     out = []
     for r, p in zip(rows, prompts, strict=True):
         ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        labels = {"set": set_name, "type": r.get("type"), "level": r.get("level"), "correct": None}
+        level = r.get("level")
+        labels = {"set": set_name, "type": r.get("type"), "correct": None,
+                  "level": None if level is None else str(level)}  # fmt: skip
         out.append(Text(str(r["id"]), list(ids), len(ids), labels))
     return out
 
@@ -223,7 +248,8 @@ def generation_texts(df, set_name: str = "", max_texts: int | None = None) -> li
     out = []
     for r in list(df.iter_rows(named=True))[: max_texts or None]:
         c = r.get("correct")
-        labels = {"set": set_name, "level": r.get("level"), "correct": c,
+        level = r.get("level")
+        labels = {"set": set_name, "level": None if level is None else str(level), "correct": c,
                   "type": None if c is None else ("correct" if c else "incorrect")}  # fmt: skip
         rid = f"{r['id']}#{r['sample']}" if multi else str(r["id"])
         prompt, completion = list(r["prompt_ids"]), list(r["token_ids"])
@@ -671,10 +697,11 @@ def index_frame(texts: list[Text], found: dict):
         rows.append({"id": t.id, "set": t.labels.get("set"), "type": t.labels.get("type"),
                      "level": t.labels.get("level"), "correct": t.labels.get("correct"),
                      "text_key": t.key, "n_prompt": t.n_prompt, "n_completion": len(t.ids) - t.n_prompt,
-                     "shard": shard, "row": row})  # fmt: skip
-    schema = {"id": pl.Utf8, "set": pl.Utf8, "type": pl.Utf8, "level": pl.Int64,
+                     "shard": shard, "row": row, "prompt_ids": t.ids[: t.n_prompt]})  # fmt: skip
+    schema = {"id": pl.Utf8, "set": pl.Utf8, "type": pl.Utf8, "level": pl.Utf8,
               "correct": pl.Boolean, "text_key": pl.Utf8, "n_prompt": pl.Int64,
-              "n_completion": pl.Int64, "shard": pl.Utf8, "row": pl.Int64}  # fmt: skip
+              "n_completion": pl.Int64, "shard": pl.Utf8, "row": pl.Int64,
+              "prompt_ids": pl.List(pl.Int64)}  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
 
 

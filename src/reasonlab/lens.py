@@ -1,0 +1,122 @@
+"""Logit lens (seed 001's `LogitLens`): each layer's residual stream read through the model's own
+final norm and output head (and final logit soft-capping, where the architecture has it).
+
+For a text whose reference answer appears in its completion, the lens looks at the position that
+predicts the answer's first token: per layer, that token's rank (1 = the lens's top token) and
+probability, and the lens's top tokens. At the last site (`resid_final`, the last layer's output
+before the final norm) the lens is the model's own next-token distribution: tested equal to its
+logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reasonlab import ReasonlabError
+from reasonlab.activations import Text, check_layers, decoder_parts, forward_sites, site_name
+
+
+class LensError(ReasonlabError):
+    """A text the lens cannot read (no answer in its completion)."""
+
+
+@dataclass
+class LensText:
+    """A prefix ending just before the answer's first token, and that token."""
+
+    id: str
+    ids: list[int]  # the prefix: prompt and the completion up to the answer
+    target: int  # the answer's first token id
+    labels: dict
+
+
+def answer_prefixes(
+    texts: list[Text], answers: list[str | None], tokenizer
+) -> tuple[list[LensText], list[str]]:
+    """For each text with a reference answer found in its completion: the prefix up to the answer's
+    last occurrence (the final answer) and the answer's first token, tokenized as the completion
+    was. Returns (lens texts, ids of texts skipped because their answer is not in the completion)."""
+    out, skipped = [], []
+    for t, answer in zip(texts, answers, strict=True):
+        completion_ids = t.ids[t.n_prompt :]
+        text = tokenizer.decode(completion_ids)
+        at = text.rfind(answer) if answer else -1
+        if at < 0:
+            skipped.append(t.id)
+            continue
+        # the completion's tokens whose decoded text ends at or before the answer's start
+        k = 0
+        while k < len(completion_ids) and len(tokenizer.decode(completion_ids[: k + 1])) <= at:
+            k += 1
+        if k == len(completion_ids):
+            skipped.append(t.id)
+            continue
+        out.append(LensText(t.id, t.ids[: t.n_prompt + k], completion_ids[k], t.labels))
+    return out, skipped
+
+
+def _head_parts(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    return head, softcap
+
+
+def lens_logits(model, parts, residual):
+    """The lens's logits of residual vectors [..., hidden]: final norm, output head, soft-capping."""
+    import torch
+
+    head, softcap = _head_parts(model)
+    logits = head(parts.norm(residual.to(head.weight.device))).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def logit_lens(model, tokenizer, texts: list[LensText], layers="all", top_k: int = 5,
+               batch_size: int = 8) -> list[dict]:  # fmt: skip
+    """One row per text × layer: `site`, the answer token's `rank` and `prob` under the lens, and
+    its `top_ids`/`top_tokens`/`top_probs`. The vocabulary-wide logits are held for one layer of one
+    batch at a time."""
+    import torch
+
+    from reasonlab.models import input_device
+
+    parts = decoder_parts(model)
+    n = parts.n_layers
+    layers = check_layers(layers, n, "lens.layers")
+    pad = (
+        tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else (tokenizer.eos_token_id or 0)
+    )
+    dev = input_device(model)
+    rows = []
+    for s in range(0, len(texts), batch_size):
+        batch = texts[s : s + batch_size]
+        width = max(len(t.ids) for t in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, t in enumerate(batch):  # left padding: the predicting position is the last column
+            ids[i, width - len(t.ids) :] = torch.tensor(t.ids)
+            mask[i, width - len(t.ids) :] = 1
+        got = forward_sites(model, parts, ids.to(dev), mask.to(dev), layers)
+        targets = torch.tensor([t.target for t in batch])
+        for layer in layers:
+            with torch.inference_mode():
+                logits = lens_logits(model, parts, got[layer][:, -1]).cpu()
+            logp = torch.log_softmax(logits, -1)
+            tgt = logp.gather(1, targets[:, None])[:, 0]
+            rank = (logp > tgt[:, None]).sum(-1) + 1
+            top = logp.topk(min(top_k, logp.shape[-1]), -1)
+            for i, t in enumerate(batch):
+                ids_i = top.indices[i].tolist()
+                rows.append({
+                    "id": t.id, "layer": layer, "site": site_name(layer, n),
+                    "target_id": t.target, "target_token": tokenizer.decode([t.target]),
+                    "rank": int(rank[i]), "prob": float(tgt[i].exp()),
+                    "top_ids": ids_i, "top_tokens": [tokenizer.decode([j]) for j in ids_i],
+                    "top_probs": top.values[i].exp().tolist(),
+                    **{k: t.labels.get(k) for k in ("set", "type", "level", "correct")},
+                })  # fmt: skip
+    return rows
