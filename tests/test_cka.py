@@ -63,6 +63,16 @@ def test_cka_properties():
     assert abs(debiased_cka(a, b)) < 0.01
 
 
+def test_a_constant_representation_has_no_cka_and_large_offsets_do_not_cancel():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(50, 6))
+    const = np.tile(rng.normal(size=6) * 100, (50, 1))  # every input gives the same vector
+    assert np.isnan(linear_cka(const, x)) and np.isnan(debiased_cka(x, const))
+    # features far from zero with small spread: centring must not cancel catastrophically
+    y = 1e4 + 1e-2 * x @ rng.normal(size=(6, 6))
+    assert linear_cka(y, x, batch=7) == pytest.approx(gram_cka(y - 1e4, x), abs=1e-9)
+
+
 def test_minibatches_give_the_full_batch_value():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(1003, 16)) + 2.0, rng.normal(size=(1003, 9))

@@ -309,3 +309,39 @@ def test_checkpoints_all_errors_name_the_key_and_what_to_do(tmp_path):
     assert "'al' is not valid under any of the given schemas; expected name → what to load" in (
         error_of(minimal(models={"m": {"source": str(empty), "checkpoints": "al"}}))
     )
+
+
+def test_activation_analyses_name_what_they_use():
+    cfg = copy.deepcopy(DEMO)
+    cfg["activations"]["models"] = ["tiny", "ghost"]
+    cfg["activations"]["positions"] = ["last_prompt", "middle"]
+    cfg["activations"]["prompt_sets"]["gens2"] = {"generations": "demo-pool"}
+    cfg["directions"]["contrasts"]["bad"] = {"positive": "reasoning", "negative": "nowhere:x"}
+    cfg["probes"]["tasks"]["p"] = {"set": "missing", "label": "level"}
+    cfg["lens"]["datasets"] = ["demo-eval", "nope"]
+    cfg["cka"]["set"] = "generations"
+    err = error_of(cfg)
+    assert "activations.models[1]: model 'ghost' is not defined under models" in err
+    assert "activations.positions: unknown position 'middle'" in err
+    assert (
+        "activations.prompt_sets.gens2: generations of 'demo-pool' need 'demo-pool' in generation.datasets"
+        in err
+    )
+    assert (
+        "directions.contrasts.bad.negative: prompt set 'nowhere' is not defined under activations.prompt_sets"
+        in err
+    )
+    assert "probes.tasks.p.set: prompt set 'missing' is not defined" in err
+    assert "lens.datasets[1]: dataset 'nope' is not defined under datasets" in err
+    assert "cka.set: 'generations' is a generations set" in err
+    cfg = copy.deepcopy(DEMO)
+    cfg["activations"]["models"] = []
+    assert "activations.models, which lists none" in error_of(cfg)
+
+
+def test_presets_of_seed_001_are_valid():
+    for name in ("quick", "full", "layer_specific"):
+        cfg = load(ROOT / "config.yaml", ROOT / f"resources/presets/{name}.yaml")
+        assert cfg["activations"]["layers"] == "all" or isinstance(
+            cfg["activations"]["layers"], list
+        )

@@ -14,6 +14,7 @@ from reasonlab.activations import CaptureOptions
 from reasonlab.config import config_hash, validate
 from reasonlab.generate import GenOptions
 from reasonlab.plan import Plan, as_json, canonical, results_config, table_paths
+from reasonlab.report import activations as report_activations
 from reasonlab.report import generate as report_generate
 from reasonlab.report import overview as report_overview
 from reasonlab.report import score as report_score
@@ -194,8 +195,14 @@ def test_dtype_is_a_param_resolved_by_precedence_and_gpus():
 def test_compute_records_cover_every_model_loading_job():
     p = plan_of()
     records = p.compute_records()
-    n = len(p.gen_jobs) + len(p.score_jobs) + len(p.capture_jobs)
+    n = (len(p.gen_jobs) + len(p.score_jobs) + len(p.capture_jobs) + len(p.direction_jobs)
+         + len(p.lens_jobs))  # fmt: skip
     assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 9
+    assert len(p.direction_jobs) == len(p.lens_jobs) == len(p.probe_jobs) == 3
+    assert p.cka_jobs == [
+        ("tiny", "step-200", "tiny", "step-500"),
+        ("tiny", "step-500", "tiny", "final"),
+    ]
     assert p.compute_record("score", "tiny", "final", "demo-pool") in records
     assert p.compute_record("capture_activations", "tiny", "final", "control") in records
 
@@ -282,7 +289,13 @@ def test_textset_inputs_and_grammar():
 def test_report_tables_follow_the_active_stages():
     p = plan_of()
     tables = p.report_tables()
-    for stage in (report_overview, report_generate, report_score, report_training):
+    for stage in (
+        report_overview,
+        report_generate,
+        report_score,
+        report_training,
+        report_activations,
+    ):
         assert set(table_paths(stage.TABLES)) <= set(tables)
     assert all(path == f"results/aggregate/{n}.parquet" for n, path in tables.items())
 
@@ -291,7 +304,8 @@ def test_report_tables_follow_the_active_stages():
         cfg["generation"]["datasets"] = []
         cfg["generation"]["models"] = None
         cfg["models"] = {"tiny-init": cfg["models"]["tiny-init"]}
-        cfg["activations"] = {}
+        for key in ("activations", "directions", "probes", "lens", "cka"):
+            cfg[key] = {}
 
     q = plan_of(no_training_no_generation)
     assert q.gen_jobs == [] and all(not textsets.parse(j.textset).generated for j in q.score_jobs)

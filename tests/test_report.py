@@ -192,7 +192,13 @@ def test_sections_need_all_their_tables(study, tmp_path):
 
 
 def test_sections_are_an_explicit_ordered_list():
-    assert [s.KEY for s in build.SECTIONS] == ["overview", "generation", "token-scores", "training"]
+    assert [s.KEY for s in build.SECTIONS] == [
+        "overview",
+        "generation",
+        "token-scores",
+        "activations",
+        "training",
+    ]
     for stage in build.SECTIONS:
         assert stage.TABLES and len(set(stage.TABLES)) == len(stage.TABLES)
     assert training.NEEDS == ("score_by_type",) and set(training.NEEDS) <= set(score.TABLES)

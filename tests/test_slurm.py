@@ -30,7 +30,7 @@ REBUILT = [
 ]
 # the aggregates and the report that read them (removed so that the rebuilt tables are needed)
 DOWNSTREAM = ["results/aggregate/gen_*", "results/aggregate/score_*", "results/report.html"]
-GPU_RULES = {"generate", "score", "finetune"}
+GPU_RULES = {"generate", "score", "finetune", "capture_activations", "directions", "lens"}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,10 @@ def test_gpu_rules_run_as_slurm_jobs_with_a_gpu(on_cluster):
         rule = re.match(r"rule_(\w+?)_wildcards", j.get("Comment", ""))
         assert rule, j
         by_rule.setdefault(rule.group(1), []).append(j)
-    assert {r: len(js) for r, js in by_rule.items()} == {"generate": 1, "grade": 1, "score": 2}
+    # ... and the activations of its generations (the store already holds them: nothing is
+    # recomputed) with the probes that read them
+    assert {r: len(js) for r, js in by_rule.items()} == {"generate": 1, "grade": 1, "score": 2,
+                                                         "capture_activations": 1, "probes": 1}  # fmt: skip
     for rule, js in by_rule.items():
         for j in js:
             assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0"

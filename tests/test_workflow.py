@@ -20,6 +20,11 @@ PER_TYPE = DEMO["demo"]["sizes"]["pool_per_type"]
 TINY = DEMO["models"]["tiny"]["checkpoints"]  # tiny's analysed checkpoints, earliest first
 N_CKPTS = sum(len(m["checkpoints"]) for m in DEMO["models"].values())
 N_SCORE = N_CKPTS * len(DEMO["score"]["textsets"]) + len(TINY)  # + tiny's own generations
+# seed 001's analyses run on tiny's checkpoints (activations.models)
+N_SETS = len(DEMO["activations"]["prompt_sets"])
+ANALYSES = {"capture_activations": len(TINY) * N_SETS, "directions": len(TINY) * len(DEMO["directions"]["contrasts"]),
+            "probes": len(TINY), "lens": len(TINY) * len(DEMO["lens"]["datasets"]), "cka": len(TINY) - 1,
+            "aggregate_activations": 1}  # fmt: skip
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -108,7 +113,7 @@ def test_quick_preset_reruns_from_the_datasets_down(demo):
     # score and generation follow; the demo's data, tokenizer, initial model and environments do not
     assert jobs == Counter({"prepare_dataset": 4, "select_training_data": 4, "finetune": 4, "resolve_model": N_CKPTS - 1, "score": N_SCORE,
                             "generate": len(TINY), "grade": len(TINY), "aggregate_generations": 1, "aggregate_scores": 1,
-                            "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "all": 1})  # fmt: skip
+                            "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "all": 1, **ANALYSES})  # fmt: skip
 
 
 def test_invalid_config_stops_with_one_message(scratch):
@@ -222,9 +227,11 @@ def test_changing_a_generation_parameter_reruns_generation_only(scratch):
     cfg["generation"]["max_new_tokens"] -= 16
     write_config(scratch, cfg)
     # tiny's generations, their grading and the scoring of its own generations, then aggregates
-    # (the run overview lists how every model-loading job ran, so it is gathered again too)
+    # (the run overview lists how every model-loading job ran, so it is gathered again too); the
+    # activations of those generations and the probes that read them, not the other prompt sets
     assert planned(scratch) == Counter({"generate": len(TINY), "grade": len(TINY), "score": len(TINY), "aggregate_generations": 1,
-                                        "aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "all": 1})  # fmt: skip
+                                        "aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "all": 1,
+                                        "capture_activations": len(TINY), "probes": len(TINY), "aggregate_activations": 1})  # fmt: skip
 
 
 def test_speed_settings_rerun_nothing(scratch):
@@ -235,6 +242,8 @@ def test_speed_settings_rerun_nothing(scratch):
         "generation": {"batch_size": 64, "kv_cache_gib": 4, "threads": 2, "gpu_memory_utilization": 0.5,
                        "enforce_eager": True, "tensor_parallel_size": 2, "device": "cpu"},
         "compute": {"device": "cpu", "device_map": "auto"},
+        "activations": {"batch_size": 3, "threads": 2, "store": "results/activations/other-store"},
+        "directions": {"batch_size": 2, "threads": 2}, "lens": {"threads": 2},
     }, name="speed.yaml")  # fmt: skip
     assert planned(scratch, "--configfile", "config.yaml", str(extra)) == Counter()
     # ... while a setting that changes results re-runs its stage
@@ -286,7 +295,8 @@ def test_job_stats_parser_sees_every_job(demo):
     jobs = planned(demo, "-F")
     assert set(jobs) == {"all", "build_demo_data", "build_demo_tokenizer", "build_demo_model", "describe_env",
                          "resolve_model", "prepare_dataset", "aggregate_overview", "report", "score", "aggregate_scores",
-                         "select_training_data", "finetune", "aggregate_training", "generate", "grade", "aggregate_generations"}  # fmt: skip
+                         "select_training_data", "finetune", "aggregate_training", "generate", "grade", "aggregate_generations",
+                         *ANALYSES}  # fmt: skip
     assert (
         jobs["describe_env"] == 3
         and jobs["prepare_dataset"] == 4

@@ -41,10 +41,15 @@ class LinearCKA:
     def update(self, x, y) -> LinearCKA:
         x, y = _check(x, y)
         if self.sx is None:
+            # sums are taken around the first batch's means: near-constant features then do not
+            # cancel catastrophically when the overall mean is subtracted at the end
+            self.x0, self.y0 = x.mean(0), y.mean(0)
+            self.scale = max(np.abs(x).max(), 1e-300), max(np.abs(y).max(), 1e-300)
             self.sx, self.sy = np.zeros(x.shape[1]), np.zeros(y.shape[1])
             self.xx = np.zeros((x.shape[1], x.shape[1]))
             self.yy = np.zeros((y.shape[1], y.shape[1]))
             self.yx = np.zeros((y.shape[1], x.shape[1]))
+        x, y = x - self.x0, y - self.y0
         self.n += x.shape[0]
         self.sx += x.sum(0)
         self.sy += y.sum(0)
@@ -54,14 +59,23 @@ class LinearCKA:
         return self
 
     def value(self) -> float:
+        """CKA, or NaN where either representation does not vary over the inputs (every input
+        gives the same vector, as a layer's input at a position every prompt shares can)."""
         if self.n < 2:
             return float("nan")
         mx, my = self.sx / self.n, self.sy / self.n
         xx = self.xx - self.n * np.outer(mx, mx)
         yy = self.yy - self.n * np.outer(my, my)
         yx = self.yx - self.n * np.outer(my, mx)
-        denom = np.linalg.norm(xx) * np.linalg.norm(yy)
-        return float(np.sum(yx * yx) / denom) if denom > 0 else float("nan")
+        nx, ny = np.linalg.norm(xx), np.linalg.norm(yy)
+        if not _varies(nx, self.scale[0], self.n) or not _varies(ny, self.scale[1], self.n):
+            return float("nan")
+        return float(np.sum(yx * yx) / (nx * ny))
+
+
+def _varies(norm_cov: float, scale: float, n: int) -> bool:
+    """Whether a centred cross-product's norm is above rounding (relative to the values' size)."""
+    return norm_cov > 1e-20 * n * scale * scale
 
 
 def linear_cka(x, y, batch: int = 4096) -> float:
@@ -91,8 +105,11 @@ def debiased_cka(x, y) -> float:
     x, y = _check(x, y, " (debiased)")
     if x.shape[0] < 4:
         raise AlignmentError(f"debiased CKA needs at least 4 inputs, got {x.shape[0]}")
+    sx, sy = max(np.abs(x).max(), 1e-300), max(np.abs(y).max(), 1e-300)
     x = x - x.mean(0)
     y = y - y.mean(0)
+    if np.abs(x).max() <= 1e-10 * sx or np.abs(y).max() <= 1e-10 * sy:
+        return float("nan")  # a representation that does not vary over the inputs
     k, l = x @ x.T, y @ y.T  # noqa: E741
     denom = np.sqrt(_unbiased_hsic(k, k) * _unbiased_hsic(l, l))
     return float(_unbiased_hsic(k, l) / denom) if denom > 0 else float("nan")
@@ -120,3 +137,63 @@ def direction_cosines(
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     unit = m / np.where(norms > 0, norms, 1.0)
     return names, unit @ unit.T
+
+
+def cka_pair(index_a: str, meta_a: str, index_b: str, meta_b: str, out_table: str, out_json: str,
+             position: str = "last_prompt", debiased: bool = True, names: tuple[str, str] = ("a", "b"),
+             key: str = "cka") -> dict:  # fmt: skip
+    """One `cka` job: linear (and debiased) CKA of every layer pair between two handles' captures
+    of the same prompt set, on the texts both hold (joined on id). Writes a table (one row per
+    layer pair) and seed 001's `alignment_results.json`."""
+    import json
+    from pathlib import Path
+
+    import polars as pl
+
+    from reasonlab.activations import load, read_meta
+
+    ma, mb = read_meta(meta_a), read_meta(meta_b)
+    for m, n in ((ma, names[0]), (mb, names[1])):
+        if position not in m["positions"]:
+            raise AlignmentError(
+                f"{key}.position: {position!r} was not captured for {n} (captured: {', '.join(m['positions'])})"
+            )
+    a, b = pl.read_parquet(index_a), pl.read_parquet(index_b)
+    both = a.select("id", "text_key").join(b.select("id", "text_key"), on="id", suffix="_b")
+    if both.height < 4:
+        raise AlignmentError(
+            f"{key}: {names[0]} and {names[1]} share {both.height} texts; CKA needs at least 4 (use a dataset prompt set, not generations)"
+        )
+    ids = both["id"].to_list()
+    xa = load(
+        a.filter(pl.col("id").is_in(ids)).sort(
+            pl.col("id").replace_strict({k: i for i, k in enumerate(ids)})
+        ),
+        ma["store"],
+        position,
+    )
+    xb = load(
+        b.filter(pl.col("id").is_in(ids)).sort(
+            pl.col("id").replace_strict({k: i for i, k in enumerate(ids)})
+        ),
+        mb["store"],
+        position,
+    )
+    if xa.ndim == 4:
+        xa, xb = xa[:, :, -1], xb[:, :, -1]
+    rows = []
+    for i, la in enumerate(ma["layers"]):
+        for j, lb in enumerate(mb["layers"]):
+            r = {"layer_a": la, "layer_b": lb, "site_a": ma["sites"][i], "site_b": mb["sites"][j],
+                 "cka": linear_cka(xa[:, i], xb[:, j])}  # fmt: skip
+            if debiased:
+                r["cka_debiased"] = debiased_cka(xa[:, i], xb[:, j])
+            rows.append(r)
+    df = pl.DataFrame(rows).with_columns(
+        a=pl.lit(names[0]), b=pl.lit(names[1]), position=pl.lit(position), n_texts=pl.lit(len(ids))
+    )
+    df.write_parquet(out_table)
+    summary = {"a": names[0], "b": names[1], "position": position, "n_texts": len(ids),
+               "same_layer_cka": {r["site_a"]: r["cka"] for r in rows if r["layer_a"] == r["layer_b"]}}  # fmt: skip
+    Path(out_json).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -73,7 +73,7 @@ def _jobs(words: list[str], fields: int = 4) -> list[list[str]]:
     for w in words:
         parts = w.split("/")
         if len(parts) != fields:
-            raise SystemExit(f"a job is written model/ckpt/order/name, not {w!r}")
+            raise SystemExit(f"a job is written with {fields} parts separated by '/', not {w!r}")
         out.append(parts)
     return out
 
@@ -374,6 +374,120 @@ def capture_activations(a, log):
                       options={**a.options, **a.speed}, template=spec.get("template") or "chat",
                       system=spec.get("system"), max_texts=spec.get("max_texts"), threads=a.threads,
                       compute=_request(a), record_path=a.record)  # fmt: skip
+
+
+@step(
+    "directions",
+    "a contrast's candidate reasoning directions for one checkpoint, scored and chosen",
+    lambda p: (
+        p.add_argument("--handle", required=True),
+        p.add_argument("--positive", required=True, help="the positive side's capture index"),
+        p.add_argument("--negative", required=True, help="the negative side's capture index"),
+        p.add_argument("--meta", required=True, help="the positive side's capture metadata"),
+        p.add_argument("--contrast", required=True, help="the contrast's name"),
+        p.add_argument("--spec", type=_json, required=True, help="the contrast's sides (JSON)"),
+        p.add_argument("--out-dir", required=True),
+        p.add_argument("--options", type=_json, default={}, help="DirectionOptions fields (JSON)"),
+        p.add_argument(
+            "--speed", type=_json, default={}, help="speed-only DirectionOptions (JSON)"
+        ),
+        p.add_argument("--threads", type=int),
+        _compute_arguments(p),
+    ),
+)
+def directions(a, log):
+    from reasonlab.directions import compute_contrast
+
+    compute_contrast(a.handle, a.positive, a.negative, a.meta, a.out_dir, a.spec, a.contrast,
+                     options={**a.options, **a.speed}, threads=a.threads, compute=_request(a),
+                     record_path=a.record)  # fmt: skip
+
+
+@step(
+    "probes",
+    "linear probes per layer of one checkpoint's captured activations, with shuffled controls",
+    lambda p: (
+        p.add_argument("--model", default=""),
+        p.add_argument("--ckpt", default=""),
+        p.add_argument(
+            "--settings", type=_json, required=True, help='{"tasks": {...}, "options": {...}}'
+        ),
+        p.add_argument(
+            "--sets", nargs="+", required=True, help="the prompt sets, aligned with --index/--meta"
+        ),
+        p.add_argument("--index", nargs="+", required=True),
+        p.add_argument("--meta", nargs="+", required=True),
+        p.add_argument("--table", required=True),
+        p.add_argument("--json", required=True, help="seed 001's probe_accuracies.json"),
+    ),
+)
+def probes(a, log):
+    from reasonlab.probes import probe_checkpoint
+
+    probe_checkpoint(a.settings["tasks"], dict(zip(a.sets, a.index, strict=True)),
+                     dict(zip(a.sets, a.meta, strict=True)), a.table, a.json,
+                     a.settings.get("options"), a.model, a.ckpt)  # fmt: skip
+
+
+@step(
+    "lens",
+    "the logit lens of a dataset's reference solutions under one checkpoint",
+    lambda p: (
+        p.add_argument("--handle", required=True),
+        p.add_argument("--data", required=True, help="a prepared dataset"),
+        p.add_argument("--dataset", default=""),
+        p.add_argument("--settings", type=_json, default={}),
+        p.add_argument("--table", required=True),
+        p.add_argument("--threads", type=int),
+        _compute_arguments(p),
+    ),
+)
+def lens(a, log):
+    from reasonlab.lens import lens_dataset
+
+    s = a.settings
+    lens_dataset(a.handle, a.data, a.table, a.dataset, s.get("template") or "chat", s.get("system"),
+                 s.get("layers", "all"), s.get("top_k", 5), s.get("max_texts"), a.threads,
+                 _request(a), a.record)  # fmt: skip
+
+
+@step(
+    "cka",
+    "CKA of every layer pair between two checkpoints' captures of one prompt set",
+    lambda p: (
+        p.add_argument("--index-a", required=True),
+        p.add_argument("--meta-a", required=True),
+        p.add_argument("--index-b", required=True),
+        p.add_argument("--meta-b", required=True),
+        p.add_argument("--names", nargs=2, default=["a", "b"]),
+        p.add_argument("--position", default="last_prompt"),
+        p.add_argument("--debiased", action="store_true"),
+        p.add_argument("--table", required=True),
+        p.add_argument("--json", required=True, help="seed 001's alignment_results.json"),
+    ),
+)
+def cka(a, log):
+    from reasonlab.cka import cka_pair
+
+    cka_pair(a.index_a, a.meta_a, a.index_b, a.meta_b, a.table, a.json, a.position, a.debiased,
+             tuple(a.names), "cka")  # fmt: skip
+
+
+@step(
+    "aggregate-activations",
+    "probe, direction, lens and CKA tables for the report",
+    lambda p: (
+        p.add_argument("--jobs", nargs="*", default=[], help="kind/model/ckpt/order/item per job"),
+        p.add_argument("--paths", nargs="*", default=[], help="each job's output, aligned"),
+        p.add_argument("--out-dir", required=True),
+    ),
+)
+def aggregate_activations(a, log):
+    from reasonlab.report import activations as stage
+
+    jobs = [stage.Job(k, m, c, int(o), i, p)
+            for (k, m, c, o, i), p in zip(_jobs(a.jobs, 5), a.paths, strict=True)]  # fmt: skip
+    stage.aggregate_activations(jobs, _out(stage.TABLES, a.out_dir))
 
 
 # ----------------------------------------------------------------------------- training

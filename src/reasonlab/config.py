@@ -246,6 +246,7 @@ def _check_references(config: dict) -> None:
                     f"defined {kind}s are: {', '.join(sorted(defined))}"
                 )
     problems += _activation_problems(config)
+    problems += _analysis_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -285,6 +286,66 @@ def _activation_problems(config: dict) -> list[str]:
         parse_positions(act["positions"], tail_default=1)
     except ReasonlabError as e:
         problems.append(str(e))
+    return problems
+
+
+def _analysis_problems(config: dict) -> list[str]:
+    """`directions`, `probes`, `lens`, `cka`: every prompt set, dataset and checkpoint they name is
+    defined, and they analyse the checkpoints of `activations.models`."""
+    act = config.get("activations") or {}
+    sets = (act.get("prompt_sets") or {}) if act else {}
+    models = act.get("models") or []
+    problems = []
+
+    def need_set(key: str, name: str, dataset_only: bool = False):
+        if name not in sets:
+            problems.append(f"{key}: prompt set {name!r} is not defined under activations.prompt_sets"
+                            + (f" ({', '.join(sorted(sets))})" if sets else ""))  # fmt: skip
+        elif dataset_only and "dataset" not in sets[name]:
+            problems.append(
+                f"{key}: {name!r} is a generations set (its texts differ per checkpoint); CKA needs a dataset prompt set"
+            )
+
+    contrasts = (config.get("directions") or {}).get("contrasts") or {}
+    for name, spec in contrasts.items():
+        for side in ("positive", "negative"):
+            s, _, t = spec[side].partition(":")
+            need_set(f"directions.contrasts.{name}.{side}", s)
+            if ":" in spec[side] and not t:
+                problems.append(
+                    f"directions.contrasts.{name}.{side}: write <prompt set>:<type>, not {spec[side]!r}"
+                )
+        if spec["positive"] == spec["negative"]:
+            problems.append(
+                f"directions.contrasts.{name}: the two sides are the same ({spec['positive']!r})"
+            )
+    tasks = (config.get("probes") or {}).get("tasks") or {}
+    for name, t in tasks.items():
+        need_set(f"probes.tasks.{name}.set", t["set"])
+    for i, d in enumerate((config.get("lens") or {}).get("datasets") or []):
+        if d not in config["datasets"]:
+            problems.append(f"lens.datasets[{i}]: dataset {d!r} is not defined under datasets")
+    cka = config.get("cka") or {}
+    if cka.get("set"):
+        need_set("cka.set", cka["set"], dataset_only=True)
+        if isinstance(cka["pairs"], list):
+            for i, pair in enumerate(cka["pairs"]):
+                for ref in pair:
+                    m, _, c = ref.partition("/")
+                    if m not in models:
+                        problems.append(
+                            f"cka.pairs[{i}]: model {m!r} does not capture activations (activations.models)"
+                        )
+                    elif c and c not in config["models"][m]["checkpoints"]:
+                        problems.append(
+                            f"cka.pairs[{i}]: checkpoint {c!r} is not listed under models.{m}.checkpoints"
+                        )
+    if (
+        contrasts or tasks or (config.get("lens") or {}).get("datasets") or cka.get("set")
+    ) and not models:
+        problems.append(
+            "directions/probes/lens/cka analyse the checkpoints of activations.models, which lists none"
+        )
     return problems
 
 

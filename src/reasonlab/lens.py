@@ -120,3 +120,52 @@ def logit_lens(model, tokenizer, texts: list[LensText], layers="all", top_k: int
                     **{k: t.labels.get(k) for k in ("set", "type", "level", "correct")},
                 })  # fmt: skip
     return rows
+
+
+def lens_dataset(handle, dataset: str, out_table: str, name: str = "", template: str = "chat",
+                 system: str | None = None, layers="all", top_k: int = 5, max_texts: int | None = 64,
+                 threads: int | None = None, compute=None, record_path=None) -> dict:  # fmt: skip
+    """One `lens` job: a prepared dataset's prompts with their reference solutions, the lens at the
+    position predicting the reference answer's first token, every layer. Rows whose answer is not
+    in the solution are recorded in the table's `skipped` count, never silently dropped."""
+    import time
+
+    import polars as pl
+    import torch
+
+    from reasonlab import compute as cp
+    from reasonlab.activations import dataset_texts
+    from reasonlab.data import read_dataset
+    from reasonlab.models import load_model, place, read_handle
+
+    if threads:
+        torch.set_num_threads(threads)
+    h = read_handle(handle)
+    where = f"{h.model}/{h.ckpt} {name}"
+    machine, placement = place(h, compute, where)
+    model, tok = load_model(h, placement, merge_adapter=True)
+    df = read_dataset(dataset)
+    df = df.filter(pl.col("solution").is_not_null() & pl.col("reference").is_not_null())[
+        : max_texts or None
+    ]
+    if df.height == 0:
+        raise LensError(
+            f"lens.datasets: {name} has no row with both a solution and a reference answer"
+        )
+    prompts = dataset_texts(df, tok, template, system, name)
+    texts = []
+    for t, sol in zip(prompts, df["solution"].to_list(), strict=True):
+        comp = tok(sol, add_special_tokens=False)["input_ids"]
+        t.ids, t.n_prompt = t.ids + list(comp), len(t.ids)
+        texts.append(t)
+    lens_texts, skipped = answer_prefixes(texts, df["reference"].to_list(), tok)
+    t0 = time.perf_counter()
+    rows = logit_lens(model, tok, lens_texts, layers, top_k)
+    out = pl.DataFrame(rows).with_columns(model=pl.lit(h.model), ckpt=pl.lit(h.ckpt), dataset=pl.lit(name),
+                                          n_skipped=pl.lit(len(skipped)))  # fmt: skip
+    out.write_parquet(out_table)
+    rec = cp.record(placement, machine, "lens", model=h.model, ckpt=h.ckpt, item=name,
+                    seconds=round(time.perf_counter() - t0, 2),
+                    peak_gpu_memory_gib=cp.peak_gpu_memory_gib() if placement.on_gpu else None)  # fmt: skip
+    cp.write_record(rec, record_path)
+    return {"texts": len(lens_texts), "skipped": len(skipped)}

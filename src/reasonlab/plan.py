@@ -23,8 +23,10 @@ from typing import Any
 from reasonlab import compute, options, textsets
 from reasonlab.activations import CaptureOptions
 from reasonlab.data import is_local
+from reasonlab.directions import DirectionOptions
 from reasonlab.generate import GenOptions
 from reasonlab.models import local_path
+from reasonlab.report import activations as report_activations
 from reasonlab.report import generate as report_generate
 from reasonlab.report import overview as report_overview
 from reasonlab.report import score as report_score
@@ -40,6 +42,9 @@ WILDCARDS = {
     "run": textsets.NAME,
     "textset": textsets.TEXTSET,
     "promptset": textsets.NAME,
+    "contrast": textsets.NAME,
+    "model2": textsets.NAME,
+    "ckpt2": textsets.NAME,
     "env": "|".join(ENVIRONMENTS),
 }
 
@@ -65,7 +70,13 @@ def table_paths(names: tuple[str, ...] | list[str]) -> dict[str, str]:
 
 
 # rules that load a model -> their config section (its device / dtype / device_map override `compute`)
-COMPUTE_STAGES = {"score": "score", "generate": "generation", "capture_activations": "activations"}
+COMPUTE_STAGES = {
+    "score": "score",
+    "generate": "generation",
+    "capture_activations": "activations",
+    "directions": "directions",
+    "lens": "lens",
+}
 PLACEMENT_KEYS = ("device", "device_map")  # where a model runs: speed only, never a param
 
 
@@ -73,7 +84,7 @@ def results_config(config: dict) -> dict:
     """The config without the options that change only speed (what the report's config hash covers)."""
     out = dict(config)
     for section, cls in (("score", ScoreOptions), ("generation", GenOptions),
-                         ("activations", CaptureOptions)):  # fmt: skip
+                         ("activations", CaptureOptions), ("directions", DirectionOptions)):  # fmt: skip
         if section not in config:
             continue
         drop = set(options.speed_fields(cls)) | {"threads", *PLACEMENT_KEYS}
@@ -343,6 +354,155 @@ class Plan:
         results, speeds = options.split(CaptureOptions, self.activations)
         return as_json(results), as_json(speeds)
 
+    # ------------------------------------------------------------------ activation analyses
+
+    def analysed(self) -> list[tuple[str, str]]:
+        """(model, ckpt) of every checkpoint that captures activations, in plan order."""
+        return [
+            (m, c)
+            for m in sorted(self.activations.get("models") or [])
+            for c in self.checkpoints(m)
+        ]
+
+    @staticmethod
+    def side(spec: str) -> tuple[str, str | None]:
+        """A contrast side '<prompt set>[:<type>]' -> (set, type or None)."""
+        s, _, t = spec.partition(":")
+        return s, t or None
+
+    @cached_property
+    def direction_jobs(self) -> list[tuple[str, str, str]]:
+        contrasts = sorted((self.config.get("directions") or {}).get("contrasts") or {})
+        return [(m, c, k) for m, c in self.analysed() for k in contrasts]
+
+    @staticmethod
+    def direction_output(model: str, ckpt: str, contrast: str, kind: str) -> str:
+        """`kind`: candidates, chosen or pt (seed 001's reasoning_directions.pt)."""
+        name = {
+            "candidates": "candidates.parquet",
+            "chosen": "chosen.json",
+            "pt": "reasoning_directions.pt",
+        }[kind]
+        return f"results/directions/{model}/{ckpt}/{contrast}/{name}"
+
+    def direction_inputs(self, model: str, ckpt: str, contrast: str) -> dict[str, str]:
+        spec = self.config["directions"]["contrasts"][contrast]
+        pos, neg = self.side(spec["positive"])[0], self.side(spec["negative"])[0]
+        return {
+            "handle": self.handle(model, ckpt),
+            "positive": self.capture_output(model, ckpt, pos, "index"),
+            "negative": self.capture_output(model, ckpt, neg, "index"),
+            "meta": self.capture_output(model, ckpt, pos, "meta"),
+        }
+
+    def direction_spec(self, contrast: str) -> str:
+        spec = self.config["directions"]["contrasts"][contrast]
+        (ps, pt), (ns, nt) = self.side(spec["positive"]), self.side(spec["negative"])
+        return as_json(
+            {"positive_set": ps, "positive_type": pt, "negative_set": ns, "negative_type": nt}
+        )
+
+    def direction_options(self) -> tuple[str, str]:
+        results, speeds = options.split(DirectionOptions, self.config.get("directions") or {})
+        return as_json(results), as_json(speeds)
+
+    @cached_property
+    def probe_jobs(self) -> list[tuple[str, str]]:
+        return self.analysed() if (self.config.get("probes") or {}).get("tasks") else []
+
+    @staticmethod
+    def probe_output(model: str, ckpt: str, kind: str) -> str:
+        """`kind`: table (Parquet) or json (seed 001's probe_accuracies.json)."""
+        name = "probes.parquet" if kind == "table" else "probe_accuracies.json"
+        return f"results/probes/{model}/{ckpt}/{name}"
+
+    def probe_sets(self) -> list[str]:
+        return sorted({t["set"] for t in self.config["probes"]["tasks"].values()})
+
+    def probe_inputs(self, model: str, ckpt: str) -> dict[str, list[str]]:
+        sets = self.probe_sets()
+        return {
+            "index": [self.capture_output(model, ckpt, s, "index") for s in sets],
+            "meta": [self.capture_output(model, ckpt, s, "meta") for s in sets],
+        }
+
+    def probe_settings(self) -> str:
+        p = self.config["probes"]
+        return as_json(
+            {"tasks": p["tasks"], "options": {k: v for k, v in p.items() if k != "tasks"}}
+        )
+
+    @cached_property
+    def lens_jobs(self) -> list[tuple[str, str, str]]:
+        datasets = sorted((self.config.get("lens") or {}).get("datasets") or [])
+        return [(m, c, d) for m, c in self.analysed() for d in datasets]
+
+    @staticmethod
+    def lens_output(model: str, ckpt: str, dataset: str) -> str:
+        return f"results/lens/{model}/{ckpt}/{dataset}.parquet"
+
+    def lens_settings(self) -> str:
+        lens = self.config["lens"]
+        return as_json({"max_texts": lens["max_texts"], "top_k": lens["top_k"], "layers": lens["layers"],
+                        "template": self.activations["template"] or self.generation["template"],
+                        "system": self.activations["system"] or self.generation["system"]})  # fmt: skip
+
+    @cached_property
+    def cka_jobs(self) -> list[tuple[str, str, str, str]]:
+        """(model, ckpt, model2, ckpt2) pairs: consecutive checkpoints of each analysed model, or
+        the configured pairs."""
+        cka = self.config.get("cka") or {}
+        if not cka.get("set") or not self.capture_jobs:
+            return []
+        if cka["pairs"] == "consecutive":
+            out = []
+            for m in sorted(self.activations["models"]):
+                cs = self.checkpoints(m)
+                out += [(m, a, m, b) for a, b in zip(cs, cs[1:], strict=False)]
+            return out
+        return [(*self.split_ref(a), *self.split_ref(b)) for a, b in cka["pairs"]]
+
+    @staticmethod
+    def cka_output(model: str, ckpt: str, model2: str, ckpt2: str, kind: str) -> str:
+        """`kind`: table (Parquet) or json (seed 001's alignment_results.json)."""
+        ext = "parquet" if kind == "table" else "alignment_results.json"
+        return f"results/cka/{model}/{ckpt}/{model2}/{ckpt2}.{ext}"
+
+    def cka_inputs(self, model: str, ckpt: str, model2: str, ckpt2: str) -> dict[str, str]:
+        s = self.config["cka"]["set"]
+        return {
+            "index_a": self.capture_output(model, ckpt, s, "index"),
+            "meta_a": self.capture_output(model, ckpt, s, "meta"),
+            "index_b": self.capture_output(model2, ckpt2, s, "index"),
+            "meta_b": self.capture_output(model2, ckpt2, s, "meta"),
+        }
+
+    def activation_jobs(self) -> tuple[list[str], list[str]]:
+        """(one `kind/model/ckpt/order/item` word per analysis output, the output) for aggregation."""
+        words, paths = [], []
+        for m, c in self.probe_jobs:
+            words.append(f"probes/{m}/{c}/{self.order(m, c)}/-")
+            paths.append(self.probe_output(m, c, "table"))
+        for m, c, k in self.direction_jobs:
+            words.append(f"directions/{m}/{c}/{self.order(m, c)}/{k}")
+            paths.append(str(Path(self.direction_output(m, c, k, "chosen")).parent))
+        for m, c, d in self.lens_jobs:
+            words.append(f"lens/{m}/{c}/{self.order(m, c)}/{d}")
+            paths.append(self.lens_output(m, c, d))
+        for m, c, m2, c2 in self.cka_jobs:
+            words.append(f"cka/{m}/{c}/{self.order(m, c)}/{m2}:{c2}")
+            paths.append(self.cka_output(m, c, m2, c2, "table"))
+        return words, paths
+
+    def activation_inputs(self) -> list[str]:
+        """Every analysis output the aggregation reads (direction jobs: their three files)."""
+        out = [self.probe_output(m, c, "table") for m, c in self.probe_jobs]
+        out += [self.direction_output(m, c, k, kind) for m, c, k in self.direction_jobs
+                for kind in ("candidates", "chosen", "pt")]  # fmt: skip
+        out += [self.lens_output(m, c, d) for m, c, d in self.lens_jobs]
+        out += [self.cka_output(*j, "table") for j in self.cka_jobs]
+        return out
+
     # ------------------------------------------------------------------ devices and dtypes
 
     def compute(self, rule: str, model: str) -> compute.Request:
@@ -376,7 +536,9 @@ class Plan:
         ] + [
             self.compute_record("capture_activations", j.model, j.ckpt, j.promptset)
             for j in self.capture_jobs
-        ]  # fmt: skip
+        ] + [
+            self.compute_record("directions", m, c, k) for m, c, k in self.direction_jobs
+        ] + [self.compute_record("lens", m, c, d) for m, c, d in self.lens_jobs]  # fmt: skip
 
     # ------------------------------------------------------------------ aggregation and report
 
@@ -387,9 +549,15 @@ class Plan:
             active.append(report_generate)
         if self.score_jobs:
             active.append(report_score)
+        if self.activation_jobs()[0]:
+            active.append(report_activations)
         if self.training:
             active.append(report_training)
         return active
+
+    @staticmethod
+    def activation_tables() -> dict[str, str]:
+        return table_paths(report_activations.TABLES)
 
     def score_tables(self) -> dict[str, str]:
         names = list(report_score.TABLES)

@@ -94,3 +94,52 @@ def probe_layers(
             row |= {f"{name}accuracy": k / n, f"{name}ci_low": lo, f"{name}ci_high": hi}
         rows.append(row)
     return rows
+
+
+def probe_checkpoint(tasks: dict, indexes: dict[str, str], metas: dict[str, str], out_table: str,
+                     out_json: str, options: dict | None = None, model: str = "", ckpt: str = "") -> list[dict]:  # fmt: skip
+    """One `probes` job: every probe task of one checkpoint. `tasks`: name -> {"set", "label"
+    (type, level or correct), "position"}; `indexes`/`metas`: prompt set -> its capture outputs.
+    Writes one row per task × layer (Parquet) and seed 001's `probe_accuracies.json`."""
+    import json
+    from pathlib import Path
+
+    import polars as pl
+
+    from reasonlab.activations import load, read_meta
+
+    opts = ProbeOptions(**(options or {}))
+    rows, seed_json = [], {}
+    for name, t in sorted(tasks.items()):
+        key = f"probes.tasks.{name}"
+        df = pl.read_parquet(indexes[t["set"]])
+        meta = read_meta(metas[t["set"]])
+        position = t.get("position", "last_prompt")
+        if position not in meta["positions"]:
+            raise ProbeError(f"{key}: position {position!r} was not captured for set {t['set']!r} "
+                             f"(captured: {', '.join(meta['positions'])}); add it to activations.positions")  # fmt: skip
+        df = df.with_row_index("_row").filter(pl.col(t["label"]).is_not_null())
+        if df.height == 0:
+            raise ProbeError(f"{key}: no text of set {t['set']!r} has a {t['label']!r} label")
+        x = load(df, meta["store"], position)
+        if x.ndim == 4:  # prompt_tail:K: the last of the K positions
+            x = x[:, :, -1]
+        labels = df[t["label"]].cast(pl.String).to_list()
+        base = {"model": model, "ckpt": ckpt, "probe": name, "set": t["set"], "label": t["label"],
+                "position": position, "n_examples": df.height}  # fmt: skip
+        try:
+            got = probe_layers(x, labels, opts, key)
+        except ProbeError as e:  # this checkpoint's labels cannot be probed: a row that says why
+            rows.append(base | {"note": str(e)})
+            seed_json[name] = {"note": str(e)}
+            continue
+        counts = df[t["label"]].cast(pl.String).value_counts(sort=True)
+        for r in got:
+            r |= base | {"layer": meta["layers"][r["layer"]], "site": meta["sites"][r["layer"]],
+                         "smallest_class": int(counts["count"].min()), "note": None}  # fmt: skip
+        rows += got
+        seed_json[name] = {r["site"]: {"accuracy": r["accuracy"], "shuffled_accuracy": r["shuffled_accuracy"]}
+                           for r in got}  # fmt: skip
+    pl.DataFrame(rows, infer_schema_length=None).write_parquet(out_table)
+    Path(out_json).write_text(json.dumps(seed_json, indent=2) + "\n")
+    return rows

@@ -51,6 +51,7 @@ CONFIG_HASH = config_hash(results_config(config))
 GEN_OPTIONS, GEN_SPEED = PLAN.gen_options()
 SCORE_OPTIONS, SCORE_SPEED = PLAN.score_options()
 CAPTURE_OPTIONS, CAPTURE_SPEED = PLAN.capture_options()
+DIRECTION_OPTIONS, DIRECTION_SPEED = PLAN.direction_options()
 # the defaults of every training run (a shipped resource, so found beside the Snakefile)
 LLAMAFACTORY_TEMPLATE = str(
     Path(workflow.basedir) / "resources" / "llamafactory" / "train.yaml"
@@ -194,6 +195,24 @@ def get_capture_input(wildcards):
 
 def get_capture_set(wildcards):
     return PLAN.capture_set(wildcards.promptset)
+
+
+def get_direction_inputs(wildcards):
+    return PLAN.direction_inputs(wildcards.model, wildcards.ckpt, wildcards.contrast)
+
+
+def get_direction_spec(wildcards):
+    return PLAN.direction_spec(wildcards.contrast)
+
+
+def get_probe_inputs(wildcards):
+    return PLAN.probe_inputs(wildcards.model, wildcards.ckpt)
+
+
+def get_cka_inputs(wildcards):
+    return PLAN.cka_inputs(
+        wildcards.model, wildcards.ckpt, wildcards.model2, wildcards.ckpt2
+    )
 
 
 def get_run_base_handle(wildcards):

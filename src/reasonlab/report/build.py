@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 
-from reasonlab.report import generate, overview, score, training
+from reasonlab.report import activations, generate, overview, score, training
 from reasonlab.report.html import render
 
-SECTIONS: tuple[ModuleType, ...] = (overview, generate, score, training)
+SECTIONS: tuple[ModuleType, ...] = (overview, generate, score, activations, training)
 
 
 def reads(stage: ModuleType) -> tuple[str, ...]:

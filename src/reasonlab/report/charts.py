@@ -440,6 +440,54 @@ def curve_chart(
     return _finish(chart, sel, _keys(data, sel, with_ckpt=True))
 
 
+def heatmap(
+    df,
+    x: str,
+    y: str,
+    color: str,
+    sel: Selectors | None,
+    *,
+    title: str,
+    facet: str | None = None,
+    domain: tuple[float, float] | None = None,
+    tooltip: tuple[str, ...] = (),
+    columns: int = 3,
+    width: int = 200,
+    height: int = 180,
+) -> VegaLite | Html:
+    """A grid of `color` over (x, y) — candidates by layer and position, CKA by layer pair, cosines
+    between checkpoints — one panel per `facet`; filtered by the section's selectors (`sel`; None:
+    unfiltered). Layers (a `y` whose name starts with "layer") grow upwards."""
+    import altair as alt
+
+    data = usable(df, x, y, color)
+    if data.height == 0:
+        return nothing(f"{title} (no values)")
+    if sel is not None:
+        data = run_positions(data)
+    scale = (
+        alt.Scale(scheme="viridis", domain=list(domain)) if domain else alt.Scale(scheme="viridis")
+    )
+    tips = [c for c in ("model", "ckpt", facet, x, y, color, *tooltip) if c and c in data.columns]
+    chart = (
+        alt.Chart(data)
+        .mark_rect()
+        .encode(
+            x=alt.X(f"{x}:O", title=x),
+            y=alt.Y(f"{y}:O", title=y, sort="descending" if y.startswith("layer") else "ascending"),
+            color=alt.Color(f"{color}:Q", scale=scale, title=color),
+            tooltip=list(dict.fromkeys(tips)),
+        )
+        .properties(width=width, height=height)
+    )
+    if facet:
+        chart = chart.facet(facet=alt.Facet(f"{facet}:N", title=None), columns=columns)
+    chart = chart.properties(title=_title(title))
+    if sel is None:
+        return VegaLite(_spec(chart))
+    return _finish(chart, sel, _keys(data, sel, with_ckpt=True))
+
+
 def bar_chart(
     df,
     x: str,
