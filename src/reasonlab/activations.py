@@ -494,8 +494,10 @@ class Store:
                 pass
         return time.time() - claim["mtime"] > self.claim_stale_s
 
-    def claim(self, keys: list[str]) -> tuple[str | None, set[str]]:
-        """Under the lock: claim those of `keys` nobody is computing (stale claims are dropped).
+    def claim(self, keys: list[str], finished=None) -> tuple[str | None, set[str]]:
+        """Under the lock: claim those of `keys` nobody is computing (stale claims are dropped)
+        and no finished shard holds (`finished()`: the keys the shards hold, read under the lock
+        after the claims, so a claim released after its shard was written is never missed).
         Returns (claim id or None, keys claimed by other live jobs)."""
         with StoreLock(self.dir):
             others: set[str] = set()
@@ -505,7 +507,8 @@ class Store:
                     (self.claims_dir / f"{cid}.json").unlink(missing_ok=True)
                 else:
                     others |= set(c["texts"])
-            mine = [k for k in keys if k not in others]
+            done = finished() if finished else set()
+            mine = [k for k in keys if k not in others and k not in done]
             if not mine:
                 return None, others
             cid = uuid.uuid4().hex[:16]
@@ -513,6 +516,10 @@ class Store:
             _atomic_write(self.claims_dir / f"{cid}.json",
                           json.dumps({**self.owner, "texts": mine}).encode())  # fmt: skip
             return cid, others
+
+    def claimed(self, cid: str) -> list[str]:
+        """The keys a claim of this job holds."""
+        return json.loads((self.claims_dir / f"{cid}.json").read_text())["texts"]
 
     def refresh(self, cid: str) -> None:
         os.utime(self.claims_dir / f"{cid}.json")
@@ -624,9 +631,11 @@ def capture(model, tokenizer, texts: list[Text], store: Store, opts: CaptureOpti
         missing = [k for k in unique if k not in found]
         if not missing:
             break
-        cid, others = store.claim(missing)
+        cid, others = store.claim(
+            missing, lambda: set(store.find(list(unique.values()), layers, positions, every_token))
+        )
         try:
-            mine = [unique[k] for k in missing if k not in others]
+            mine = [] if cid is None else [unique[k] for k in store.claimed(cid)]
             for batch in _batches(mine, opts.batch_size):
                 acts = batch_activations(model, parts, batch, layers, positions, every_token,
                                          pad, opts.padding_side, out_dtype)  # fmt: skip

@@ -150,43 +150,53 @@ def aggregate_activations(jobs: list[Job], out: Mapping[str, str | Path]) -> Non
 
 
 def _summary(probes, chosen, lens, cka):
-    """Seed 001's summary, one row per checkpoint: the chosen direction's site and scores, the best
-    probe layer, the first layer where the lens ranks the answer first, and CKA with the previous
-    checkpoint at the chosen site's layer."""
+    """Seed 001's summary, one row per checkpoint: each contrast's chosen site and bypass score,
+    each probe's best layer (accuracy, and its shuffled control there), the first layer where the
+    lens's median rank of the answer is 1, and the mean same-layer CKA with the next checkpoint."""
     import polars as pl
 
-    keys = ["model", "ckpt", "ckpt_order"]
-    out = (
-        chosen.select(*keys, "contrast", chosen_site="site", bypass="bypass", induce="induce")
-        if chosen.height
-        else None
-    )
+    rows: dict = {}
+
+    def row(r):
+        return rows.setdefault(
+            (r["model"], r["ckpt_order"], r["ckpt"]), {"model": r["model"], "ckpt": r["ckpt"]}
+        )
+
+    for r in chosen.iter_rows(named=True):
+        row(r)[f"{r['contrast']}: chosen site"] = (
+            f"{r['site']} ({r['position']}), bypass {r['bypass']:.2f}"
+            if r["site"]
+            else "none passed"
+        )
     if probes.height:
         best = (
             probes.sort("accuracy", descending=True)
-            .group_by(*keys, "probe")
-            .agg(
-                best_probe_site=pl.col("site").first(),
-                best_probe_accuracy=pl.col("accuracy").first(),
-                shuffled_at_best=pl.col("shuffled_accuracy").first(),
-            )  # fmt: skip
+            .group_by("model", "ckpt", "ckpt_order", "probe")
+            .first()
         )
-        out = best if out is None else out.join(best, on=keys, how="full", coalesce=True)
+        for r in best.iter_rows(named=True):
+            row(r)[f"probe {r['probe']}: best layer"] = (
+                f"{r['site']}: {r['accuracy']:.2f} (control {r['shuffled_accuracy']:.2f}, chance {r['chance']:.2f})"
+            )
     if lens.height:
-        first = (
+        for r in (
             lens.filter(pl.col("median_rank") <= 1)
-            .group_by(*keys, "dataset")
-            .agg(lens_first_top1_layer=pl.col("layer").min())
-        )
-        out = first if out is None else out.join(first, on=keys, how="full", coalesce=True)
+            .group_by("model", "ckpt", "ckpt_order", "dataset")
+            .agg(pl.col("site").sort_by("layer").first())
+            .iter_rows(named=True)
+        ):
+            row(r)[f"lens {r['dataset']}: answer first at"] = r["site"]
     if cka.height:
         same = (
             cka.filter(pl.col("layer_a") == pl.col("layer_b"))
-            .group_by(*keys, "ckpt_b")
-            .agg(mean_same_layer_cka=pl.col("cka").mean())
+            .group_by("model", "ckpt", "ckpt_order", "ckpt_b")
+            .agg(pl.col("cka").mean())
         )
-        out = same if out is None else out.join(same, on=keys, how="full", coalesce=True)
-    return None if out is None else out.sort("model", "ckpt_order").drop("ckpt_order")
+        for r in same.iter_rows(named=True):
+            row(r)["CKA with next (mean over layers)"] = f"{r['cka']:.3f} ({r['ckpt_b']})"
+    if not rows:
+        return None
+    return pl.DataFrame([rows[k] for k in sorted(rows)], infer_schema_length=None)
 
 
 def section(tables: dict, context: dict) -> list:

@@ -123,14 +123,19 @@ form.selectors select{margin-left:4px;max-width:260px}
 pre{background:#f2f4f7;padding:8px;font-size:12px;white-space:pre-wrap}
 """
 
-# shows the elements tagged data-sel-<key> that match their section's selectors (tables, traces);
-# the charts follow the same <select> elements through Vega's own binding
+# shows the elements tagged data-sel-<key> that match the selectors above them (tables, traces:
+# each follows the nearest selector bar before it, so a section may have several); the charts
+# follow the same <select> elements through Vega's own binding
 SELECT_JS = (
     "const RL_ANY = " + json.dumps([ALL, FEW]) + ";\n"
     "function rlApply(sec) {\n"
-    "  const vals = {};\n"
-    "  for (const s of sec.querySelectorAll('select[data-sel]')) vals[s.dataset.sel] = s.value;\n"
-    "  for (const el of sec.querySelectorAll('.rl-row')) {\n"
+    "  let vals = {};\n"
+    "  for (const el of sec.querySelectorAll('form.selectors, .rl-row')) {\n"
+    "    if (el.matches('form.selectors')) {\n"
+    "      vals = {};\n"
+    "      for (const s of el.querySelectorAll('select[data-sel]')) vals[s.dataset.sel] = s.value;\n"
+    "      continue;\n"
+    "    }\n"
     "    let show = true;\n"
     "    for (const [k, v] of Object.entries(vals)) {\n"
     "      const a = el.getAttribute('data-sel-' + k);\n"
