@@ -50,6 +50,20 @@ def every_job_value(p: Plan) -> dict:
         out[("score", *dataclasses.astuple(j))] = (
             p.score_options()[0], p.textset_input(j.textset), p.compute_dtype("score", j.model)
         )  # fmt: skip
+    for j in p.capture_jobs:
+        out[("capture", *dataclasses.astuple(j))] = (
+            p.capture_options()[0], p.capture_set(j.promptset),
+            p.capture_input(j.model, j.ckpt, j.promptset), p.compute_dtype("capture_activations", j.model),
+        )  # fmt: skip
+    for m, c, k in p.direction_jobs:
+        out[("directions", m, c, k)] = (p.direction_options()[0], p.direction_spec(k),
+                                        p.direction_inputs(m, c, k), p.compute_dtype("directions", m))  # fmt: skip
+    for m, c in p.probe_jobs:
+        out[("probes", m, c)] = (p.probe_settings(), p.probe_inputs(m, c))
+    for m, c, d in p.lens_jobs:
+        out[("lens", m, c, d)] = (p.lens_settings(), p.compute_dtype("lens", m))
+    for j in p.cka_jobs:
+        out[("cka", *j)] = p.cka_inputs(*j)
     return out
 
 
@@ -117,6 +131,14 @@ def test_key_order_changes_no_value():
         ("compute", "device_map", "auto"),
         ("score", "device_map", "auto"),
         ("generation", "device", "cpu"),
+        ("activations", "batch_size", 3),
+        ("activations", "threads", 2),
+        ("activations", "store", "/scratch/store"),
+        ("activations", "device", "cpu"),
+        ("directions", "batch_size", 2),
+        ("directions", "threads", 2),
+        ("lens", "threads", 2),
+        ("lens", "device_map", "auto"),
     ],
 )
 def test_speed_settings_change_no_job_value(section, key, value):
@@ -127,14 +149,14 @@ def test_speed_settings_change_no_job_value(section, key, value):
     assert every_job_value(changed) == every_job_value(base)
     assert config_hash(results_config(changed.config)) == config_hash(results_config(base.config))
     # ... yet the job still receives the setting, on its command line
+    rules = {"generation": "generate", "activations": "capture_activations"}
     if key in ("device", "device_map"):
-        rule = "generate" if section == "generation" else "score"
+        rule = rules.get(section, section if section in ("directions", "lens") else "score")
         assert json.loads(changed.compute_placement(rule, "tiny"))[key] == value
-    elif key != "threads":
-        speed = json.loads(
-            (changed.score_options() if section == "score" else changed.gen_options())[1]
-        )
-        assert speed[key] == value
+    elif key not in ("threads", "store"):
+        projection = {"score": changed.score_options, "generation": changed.gen_options,
+                      "activations": changed.capture_options, "directions": changed.direction_options}  # fmt: skip
+        assert json.loads(projection[section]()[1])[key] == value
 
 
 @pytest.mark.parametrize(

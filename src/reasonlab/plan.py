@@ -83,11 +83,14 @@ PLACEMENT_KEYS = ("device", "device_map")  # where a model runs: speed only, nev
 def results_config(config: dict) -> dict:
     """The config without the options that change only speed (what the report's config hash covers)."""
     out = dict(config)
-    for section, cls in (("score", ScoreOptions), ("generation", GenOptions),
-                         ("activations", CaptureOptions), ("directions", DirectionOptions)):  # fmt: skip
+    # each stage's speed-only fields, its threads and placement; where the store lives
+    for section, cls, extra in (("score", ScoreOptions, ()), ("generation", GenOptions, ()),
+                                ("activations", CaptureOptions, ("store",)),
+                                ("directions", DirectionOptions, ()), ("lens", None, ())):  # fmt: skip
         if section not in config:
             continue
-        drop = set(options.speed_fields(cls)) | {"threads", *PLACEMENT_KEYS}
+        speed = set(options.speed_fields(cls)) if cls else set()
+        drop = speed | {"threads", *PLACEMENT_KEYS, *extra}
         out[section] = {k: v for k, v in config[section].items() if k not in drop}
     if "compute" in config:
         out["compute"] = {k: v for k, v in config["compute"].items() if k not in PLACEMENT_KEYS}
