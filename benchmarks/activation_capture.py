@@ -83,6 +83,7 @@ def worker(kind: str, model_dir: str, prompts_file: str, threads: int, batch: in
     else:
         batches = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
         if kind == "nnsight":
+            import nnsight
             from nnsight import LanguageModel
 
             lm = LanguageModel(model, tokenizer=tok)
@@ -102,8 +103,10 @@ def worker(kind: str, model_dir: str, prompts_file: str, threads: int, batch: in
                         torch.inference_mode(),
                         lm.trace({"input_ids": ids, "attention_mask": mask}),
                     ):
-                        saved = [lm.model.layers[i].input[:, -1].save() for i in range(n_layers)]
-                    kept.append(torch.stack([s for s in saved], 1))
+                        saved = nnsight.save([])  # nnsight 0.8: save the container, append
+                        for i in range(n_layers):
+                            saved.append(lm.model.layers[i].input[:, -1])
+                    kept.append(torch.stack(list(saved), 1))
             return torch.cat(kept)[0].numpy()
 
         warm = lambda: run(batches[:1])  # noqa: E731
@@ -229,9 +232,6 @@ def main():
     if a.worker:
         return worker(a.worker, a.model, a.prompts_file, a.threads, a.batch)
     sys.path.insert(0, str(ROOT / "src"))
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from reasonlab import demo, synth
 
     tmp = Path(tempfile.mkdtemp())
@@ -239,14 +239,11 @@ def main():
         0, synth.DemoSizes(pool_per_type=20, eval=20, control=10, pretrain=300)
     )
     demo.build_tokenizer(synth.corpus_texts(data), tmp / "tok", vocab_size=1024)
+    # the same shapes as benchmarks/score_vs_lmeval.py
+    large = demo.TinyModelSpec(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                               num_key_value_heads=4, intermediate_size=1024)  # fmt: skip
     demo.build_tiny_model(tmp / "tok", tmp / "demo", demo.TinyModelSpec(), seed=0)
-    cfg = AutoConfig.from_pretrained(tmp / "demo")
-    cfg.update({"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
-                "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": VOCAB})  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp / "large")
-    AutoTokenizer.from_pretrained(tmp / "tok").save_pretrained(tmp / "large")
-    AutoTokenizer.from_pretrained(tmp / "tok").save_pretrained(tmp / "demo")
+    demo.build_tiny_model(tmp / "tok", tmp / "large", large, seed=0, vocab_size=VOCAB)
     results = {
         label: compare(tmp / label, label, a.prompts, a.runs, a.threads, a.batch, a.peers_at_all)
         for label in ("demo", "large")
