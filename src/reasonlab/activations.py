@@ -307,17 +307,25 @@ def forward_sites(model, parts: Parts, input_ids, attention_mask, layers: list[i
     return got
 
 
-def _pad(batch: list[Text], pad_id: int, side: str, device):
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-sequence token."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
+def pad_batch(seqs: list[list[int]], pad: int, side: str, device):
+    """(ids, attention mask, start column of each sequence) of token-id lists padded on `side`."""
     import torch
 
-    width = max(len(t.ids) for t in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     starts = []
-    for i, t in enumerate(batch):
-        s = width - len(t.ids) if side == "left" else 0
-        ids[i, s : s + len(t.ids)] = torch.tensor(t.ids)
-        mask[i, s : s + len(t.ids)] = 1
+    for i, q in enumerate(seqs):
+        s = width - len(q) if side == "left" else 0
+        ids[i, s : s + len(q)] = torch.tensor(q)
+        mask[i, s : s + len(q)] = 1
         starts.append(s)
     return ids.to(device), mask.to(device), starts
 
@@ -334,7 +342,7 @@ def batch_activations(model, parts: Parts, batch: list[Text], layers: list[int],
 
     out_dtype = out_dtype or torch.float32
     dev = input_device(model)
-    ids, mask, starts = _pad(batch, pad_id, padding_side, dev)
+    ids, mask, starts = pad_batch([t.ids for t in batch], pad_id, padding_side, dev)
     got = forward_sites(model, parts, ids, mask, layers)
     stacked = torch.stack([got[i] for i in layers], 1)  # [B, layers, seq, hidden]
     out = {}
@@ -614,11 +622,7 @@ def capture(model, tokenizer, texts: list[Text], store: Store, opts: CaptureOpti
         raise ActivationError(
             f"activations.store_dtype must be float32 or bfloat16, not {opts.store_dtype!r}"
         )
-    pad = (
-        tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else (tokenizer.eos_token_id or 0)
-    )
+    pad = pad_id(tokenizer)
     computed = 0
     found = store.find(list(unique.values()), layers, positions, every_token)
     reused = len([k for k in unique if k in found])

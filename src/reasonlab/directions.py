@@ -87,27 +87,20 @@ def last_token_logprobs(model, tokenizer, prompts: list[list[int]], batch_size: 
     """[prompts, vocab] float32 log-probabilities of the next token after each prompt."""
     import torch
 
+    from reasonlab.activations import pad_batch, pad_id
     from reasonlab.models import input_device
 
-    pad = (
-        tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else (tokenizer.eos_token_id or 0)
-    )
+    pad = pad_id(tokenizer)
     dev = input_device(model)
     out = []
     for s in range(0, len(prompts), batch_size):
         b = prompts[s : s + batch_size]
-        width = max(map(len, b))
-        ids = torch.full((len(b), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(b):  # left padding: the next-token position is the last column
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        # left padding: the next-token position is the last column
+        ids, mask, _ = pad_batch(b, pad, "left", dev)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                           position_ids=pos.to(dev), use_cache=False, logits_to_keep=1).logits[:, -1]  # fmt: skip
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                           use_cache=False, logits_to_keep=1).logits[:, -1]  # fmt: skip
         out.append(torch.log_softmax(logits.float(), -1).cpu())
     return torch.cat(out)
 

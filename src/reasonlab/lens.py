@@ -13,7 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from reasonlab import ReasonlabError
-from reasonlab.activations import Text, check_layers, decoder_parts, forward_sites, site_name
+from reasonlab.activations import (
+    Text,
+    check_layers,
+    decoder_parts,
+    forward_sites,
+    pad_batch,
+    pad_id,
+    site_name,
+)
 
 
 class LensError(ReasonlabError):
@@ -85,22 +93,14 @@ def logit_lens(model, tokenizer, texts: list[LensText], layers="all", top_k: int
     parts = decoder_parts(model)
     n = parts.n_layers
     layers = check_layers(layers, n, "lens.layers")
-    pad = (
-        tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else (tokenizer.eos_token_id or 0)
-    )
+    pad = pad_id(tokenizer)
     dev = input_device(model)
     rows = []
     for s in range(0, len(texts), batch_size):
         batch = texts[s : s + batch_size]
-        width = max(len(t.ids) for t in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, t in enumerate(batch):  # left padding: the predicting position is the last column
-            ids[i, width - len(t.ids) :] = torch.tensor(t.ids)
-            mask[i, width - len(t.ids) :] = 1
-        got = forward_sites(model, parts, ids.to(dev), mask.to(dev), layers)
+        # left padding: the predicting position is the last column
+        ids, mask, _ = pad_batch([t.ids for t in batch], pad, "left", dev)
+        got = forward_sites(model, parts, ids, mask, layers)
         targets = torch.tensor([t.target for t in batch])
         for layer in layers:
             with torch.inference_mode():
