@@ -302,3 +302,16 @@ def test_dataset_prompts_are_rendered_as_generation_renders_them(tiny_model_dir)
     assert texts[1].labels == {"set": "reasoning", "type": "y", "level": "2", "correct": None}
     fmt = dataset_texts(df, tok, "Q: {question}\nA:", None, "plain")
     assert tok.decode(fmt[0].ids) == "Q: What is 2+2?\nA:"
+
+
+def test_generations_are_captured_on_their_exact_token_ids():
+    from reasonlab.activations import generation_texts
+
+    df = pl.DataFrame({"id": ["a", "a", "b"], "sample": [0, 1, 0], "prompt_ids": [[1, 2, 3], [1, 2, 3], [4, 5]],
+                       "token_ids": [[7, 8], [9], []], "correct": [True, False, None], "level": [1, 1, 2]})  # fmt: skip
+    texts = generation_texts(df, "gens")
+    assert [t.id for t in texts] == ["a#0", "a#1", "b#0"]  # several samples: id#sample
+    assert texts[0].ids == [1, 2, 3, 7, 8] and texts[0].n_prompt == 3
+    assert [t.labels["type"] for t in texts] == ["correct", "incorrect", None]
+    assert texts[2].labels == {"set": "gens", "level": "2", "correct": None, "type": None}
+    assert texts[0].key != texts[1].key  # different completions, different store entries

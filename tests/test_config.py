@@ -319,6 +319,7 @@ def test_activation_analyses_name_what_they_use():
     cfg["directions"]["contrasts"]["bad"] = {"positive": "reasoning", "negative": "nowhere:x"}
     cfg["probes"]["tasks"]["p"] = {"set": "missing", "label": "level"}
     cfg["lens"]["datasets"] = ["demo-eval", "nope"]
+    cfg["activations"]["prompt_sets"]["generations"] = {"generations": "demo-eval"}
     cfg["cka"]["set"] = "generations"
     err = error_of(cfg)
     assert "activations.models[1]: model 'ghost' is not defined under models" in err

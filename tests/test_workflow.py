@@ -228,10 +228,9 @@ def test_changing_a_generation_parameter_reruns_generation_only(scratch):
     write_config(scratch, cfg)
     # tiny's generations, their grading and the scoring of its own generations, then aggregates
     # (the run overview lists how every model-loading job ran, so it is gathered again too); the
-    # activations of those generations and the probes that read them, not the other prompt sets
+    # demo captures no generations, so no activation job follows
     assert planned(scratch) == Counter({"generate": len(TINY), "grade": len(TINY), "score": len(TINY), "aggregate_generations": 1,
-                                        "aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "all": 1,
-                                        "capture_activations": len(TINY), "probes": len(TINY), "aggregate_activations": 1})  # fmt: skip
+                                        "aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "all": 1})  # fmt: skip
 
 
 def test_speed_settings_rerun_nothing(scratch):

@@ -208,7 +208,8 @@ def candidate_directions(pos_df, neg_df, store, positions: list[str], layers: li
         diff = side_mean(pos_df, store, p, pos_rows) - side_mean(neg_df, store, p, neg_rows)
         if p.startswith("prompt_tail:"):
             k = int(p.split(":")[1])
-            for j in range(k):
+            # the tail's last token is the last prompt token: one candidate, not two
+            for j in range(k - 1 if "last_prompt" in positions else k):
                 for li, layer in enumerate(layers):
                     out.append(
                         {"position": f"tail{j - k}", "layer": layer, "direction": diff[li, j]}
