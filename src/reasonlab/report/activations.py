@@ -190,7 +190,7 @@ def _summary(probes, chosen, lens, cka):
         same = (
             cka.filter(pl.col("layer_a") == pl.col("layer_b"))
             .group_by("model", "ckpt", "ckpt_order", "ckpt_b")
-            .agg(pl.col("cka").mean())
+            .agg(pl.col("cka").fill_nan(None).mean())  # a layer without CKA is skipped
         )
         for r in same.iter_rows(named=True):
             row(r)["CKA with next (mean over layers)"] = f"{r['cka']:.3f} ({r['ckpt_b']})"
