@@ -20,22 +20,16 @@ model's head makes 4 000 prompts take minutes per run). The last line is one JSO
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from workers import Worker, rss_mb  # benchmarks/workers.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PY = ROOT / ".venvs" / "peers" / "bin" / "python"
 VOCAB = 151936
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def worker(kind: str, model_dir: str, prompts_file: str, threads: int, batch: int) -> None:
@@ -124,33 +118,6 @@ def worker(kind: str, model_dir: str, prompts_file: str, threads: int, batch: in
         print(json.dumps(out), flush=True)
 
 
-class Worker:
-    def __init__(self, python, kind, model_dir, prompts_file, threads, batch):
-        cmd = [str(python), __file__, "--worker", kind, "--model", str(model_dir),
-               "--prompts-file", str(prompts_file), "--threads", str(threads), "--batch", str(batch)]  # fmt: skip
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.read()
-
-    def read(self) -> dict:
-        while True:
-            line = self.p.stdout.readline()
-            if not line:
-                raise RuntimeError("a benchmark worker died; see its stderr above")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def ask(self, cmd: str) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self.read()
-
-    def close(self) -> dict:
-        out = self.ask("rss")
-        self.p.stdin.close()
-        self.p.wait()
-        return out
-
-
 def prompts_of(model_dir: str, n: int) -> list[list[int]]:
     """n distinct chat-formatted demo problems as token ids."""
     from transformers import AutoTokenizer
@@ -186,8 +153,9 @@ def compare(model_dir, label, counts, runs, threads, batch, peers_at_all) -> dic
         kinds = ["reasonlab"]
         if peers_at_all or n == min(counts):
             kinds += ["hidden_states"] + (["nnsight"] if PEERS_PY.exists() else [])
-        ws = {k: Worker(PEERS_PY if k == "nnsight" else sys.executable, k, model_dir, f.name,
-                        threads, batch) for k in kinds}  # fmt: skip
+        ws = {k: Worker([PEERS_PY if k == "nnsight" else sys.executable, __file__, "--worker", k,
+                         "--model", model_dir, "--prompts-file", f.name, "--threads", threads,
+                         "--batch", batch]) for k in kinds}  # fmt: skip
         times = {k: [] for k in kinds}
         firsts = {}
         for r in range(runs):

@@ -21,27 +21,18 @@ alternating chunk by chunk of `head_positions` (which goes first alternates too)
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from workers import Worker, rss_mb  # benchmarks/workers.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PY = ROOT / ".venvs" / "peers" / "bin" / "python"
 VOCAB = 151936
 BATCH_SIZES = (1, 8, 16, 32)
-
-
-def rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not carry over the
-    launching process's peak across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ------------------------------------------------------------------------------ workers
@@ -141,40 +132,17 @@ def lmeval_worker(model_dir: str, requests: list, threads: int) -> None:
         print(json.dumps(out), flush=True)
 
 
-class Worker:
-    def __init__(self, python, kind, model_dir, requests_file, threads):
-        self.p = subprocess.Popen(
-            [str(python), __file__, "--worker", kind, "--model", str(model_dir),
-             "--requests", str(requests_file), "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        self.ready = self.read()
-
-    def read(self) -> dict:
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker {self.p.args[3]} ended: run it by hand to see why")
-        return json.loads(line)
-
-    def ask(self, cmd: str) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self.read()
-
-    def close(self) -> dict:
-        rss = self.ask("rss")
-        self.p.stdin.close()
-        self.p.wait()
-        return rss
-
-
 # ------------------------------------------------------------------------------ the comparison
 
 
 def compare(model_dir, requests_file, n_tokens, threads, runs, label) -> dict:
     med = statistics.median
-    rl = Worker(sys.executable, "reasonlab", model_dir, requests_file, threads)
-    lm = Worker(PEERS_PY, "lmeval", model_dir, requests_file, threads)
+
+    def worker(python, kind):
+        return Worker([python, __file__, "--worker", kind, "--model", model_dir,
+                       "--requests", requests_file, "--threads", threads], quiet=True)  # fmt: skip
+
+    rl, lm = worker(sys.executable, "reasonlab"), worker(PEERS_PY, "lmeval")
     sizes = {bs: lm.ask(f"run {bs}")["seconds"] for bs in BATCH_SIZES}
     best = min(sizes, key=sizes.get)
     t_rl, t_eager, t_lm, heads, stats = [], [], [], [], []

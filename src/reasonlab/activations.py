@@ -731,15 +731,14 @@ def capture_promptset(handle, texts_path: str, out_index: str, out_meta: str, st
 
     from reasonlab import compute as cp
     from reasonlab.data import read_dataset
-    from reasonlab.models import load_model, place, read_handle
+    from reasonlab.models import load_placed, read_handle
 
     if threads:
         torch.set_num_threads(threads)
     opts = CaptureOptions(**(options or {}))
     h = read_handle(handle)
     where = f"{h.model}/{h.ckpt} {set_name}"
-    machine, placement = place(h, compute, where)
-    model, tok = load_model(h, placement, merge_adapter=True)
+    machine, placement, model, tok = load_placed(h, compute, where)
     if source == "generations":
         texts = generation_texts(pl.read_parquet(texts_path), set_name, max_texts)
     else:
@@ -769,8 +768,7 @@ def capture_promptset(handle, texts_path: str, out_index: str, out_meta: str, st
     Path(out_meta).write_text(json.dumps(meta, indent=2) + "\n")
     log.info("captured %s", {k: meta[k] for k in ("texts", "computed", "reused", "seconds")})
     rec = cp.record(placement, machine, "capture_activations", model=h.model, ckpt=h.ckpt,
-                    promptset=set_name, seconds=meta["seconds"],
-                    peak_gpu_memory_gib=cp.peak_gpu_memory_gib() if placement.on_gpu else None)  # fmt: skip
+                    promptset=set_name, seconds=meta["seconds"])  # fmt: skip
     cp.write_record(rec, record_path)
     return meta
 

@@ -249,8 +249,11 @@ def resolve(
 
 
 def record(placement: Placement, machine: Machine, stage: str, **extra) -> dict:
-    """What a job logs and writes about how it ran (shown in the report's run overview)."""
+    """What a job logs and writes about how it ran (shown in the report's run overview). The
+    process's peak GPU memory is read here unless `extra` gives it (taken earlier)."""
     used = machine.gpus[: placement.gpus]
+    if "peak_gpu_memory_gib" not in extra:
+        extra["peak_gpu_memory_gib"] = peak_gpu_memory_gib() if placement.on_gpu else None
     return {
         "stage": stage,
         **asdict(placement),

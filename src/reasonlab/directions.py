@@ -236,7 +236,7 @@ def compute_contrast(handle, pos_index: str, neg_index: str, meta_path: str, out
 
     from reasonlab import compute as cp
     from reasonlab.activations import read_meta
-    from reasonlab.models import load_model, place, read_handle
+    from reasonlab.models import load_placed, read_handle
 
     if threads:
         torch.set_num_threads(threads)
@@ -256,8 +256,7 @@ def compute_contrast(handle, pos_index: str, neg_index: str, meta_path: str, out
     neg_train, neg_held = split_side(neg_df.height, opts.held_out, opts.seed + 1, opts.max_held_out)
     h = read_handle(handle)
     where = f"{h.model}/{h.ckpt} {name}"
-    machine, placement = place(h, compute, where)
-    model, tok = load_model(h, placement, merge_adapter=True)
+    machine, placement, model, tok = load_placed(h, compute, where)
     t0 = time.perf_counter()
     cands = candidate_directions(
         pos_df, neg_df, meta["store"], positions, meta["layers"], pos_train, neg_train
@@ -306,7 +305,6 @@ def compute_contrast(handle, pos_index: str, neg_index: str, meta_path: str, out
         "model": f"{h.model}/{h.ckpt}", "contrast": name,
     }, out / "reasoning_directions.pt")  # fmt: skip
     rec = cp.record(placement, machine, "directions", model=h.model, ckpt=h.ckpt, item=name,
-                    seconds=info["seconds"],
-                    peak_gpu_memory_gib=cp.peak_gpu_memory_gib() if placement.on_gpu else None)  # fmt: skip
+                    seconds=info["seconds"])  # fmt: skip
     cp.write_record(rec, record_path)
     return info

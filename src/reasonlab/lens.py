@@ -136,14 +136,13 @@ def lens_dataset(handle, dataset: str, out_table: str, name: str = "", template:
     from reasonlab import compute as cp
     from reasonlab.activations import dataset_texts
     from reasonlab.data import read_dataset
-    from reasonlab.models import load_model, place, read_handle
+    from reasonlab.models import load_placed, read_handle
 
     if threads:
         torch.set_num_threads(threads)
     h = read_handle(handle)
     where = f"{h.model}/{h.ckpt} {name}"
-    machine, placement = place(h, compute, where)
-    model, tok = load_model(h, placement, merge_adapter=True)
+    machine, placement, model, tok = load_placed(h, compute, where)
     df = read_dataset(dataset)
     df = df.filter(pl.col("solution").is_not_null() & pl.col("reference").is_not_null())[
         : max_texts or None
@@ -165,7 +164,6 @@ def lens_dataset(handle, dataset: str, out_table: str, name: str = "", template:
                                           n_skipped=pl.lit(len(skipped)))  # fmt: skip
     out.write_parquet(out_table)
     rec = cp.record(placement, machine, "lens", model=h.model, ckpt=h.ckpt, item=name,
-                    seconds=round(time.perf_counter() - t0, 2),
-                    peak_gpu_memory_gib=cp.peak_gpu_memory_gib() if placement.on_gpu else None)  # fmt: skip
+                    seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
     cp.write_record(rec, record_path)
     return {"texts": len(lens_texts), "skipped": len(skipped)}

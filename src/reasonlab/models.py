@@ -402,6 +402,14 @@ def place(handle: Handle | dict | str | Path, request=None, where: str = ""):
     return machine, placement
 
 
+def load_placed(handle: Handle, request=None, where: str = ""):
+    """(machine, placement, model, tokenizer) of a job that runs `handle`'s model: `place` it,
+    then load it there (a LoRA adapter merged into its base)."""
+    machine, placement = place(handle, request, where)
+    model, tok = load_model(handle, placement, merge_adapter=True)
+    return machine, placement, model, tok
+
+
 def input_device(model):
     """Where a loaded model's inputs go: its input embeddings' device (the first device when
     accelerate spread it over several)."""

@@ -777,14 +777,13 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
 
     from reasonlab import compute as cp
     from reasonlab.data import read_dataset
-    from reasonlab.models import load_model, place, read_handle
+    from reasonlab.models import load_placed, read_handle
 
     if threads:
         torch.set_num_threads(threads)
     h = read_handle(handle)
     where = f"{h.model}/{h.ckpt}"
-    machine, placement = place(h, compute, where)
-    model, tok = load_model(h, placement, merge_adapter=True)
+    machine, placement, model, tok = load_placed(h, compute, where)
     if "token_ids" in pl.read_parquet_schema(texts):  # generations (the grade rule's table)
         t = textsets.parse(name) if name else textsets.TextSet("")
         items = generated_items(pl.read_parquet(texts), t.dataset, t.generator or "")
@@ -805,6 +804,6 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
         summary["max_abs_logprob_diff_vs_generator"] = sequences["max_abs_logprob_diff"].max()
     log.info("scored %s", summary)
     rec = cp.record(placement, machine, "score", model=h.model, ckpt=h.ckpt, textset=name,
-                    seconds=summary["seconds"], peak_gpu_memory_gib=cp.peak_gpu_memory_gib() if placement.on_gpu else None)  # fmt: skip
+                    seconds=summary["seconds"])  # fmt: skip
     cp.write_record(rec, record_path)
     return summary | {"compute": rec}
