@@ -304,6 +304,25 @@ def test_dataset_prompts_are_rendered_as_generation_renders_them(tiny_model_dir)
     assert tok.decode(fmt[0].ids) == "Q: What is 2+2?\nA:"
 
 
+def test_dataset_prompts_with_their_reference_solutions(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    df = pl.DataFrame({"id": ["a", "b"], "question": ["What is 2+2?", "Name a prime."],
+                       "solution": ["2 + 2 = 4.", "Seven."], "system": [None, None],
+                       "type": ["correct", "wrong"], "level": [None, None]})  # fmt: skip
+    texts = dataset_texts(df, tok, "chat", None, "traces", solution=True)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
+                                     add_generation_prompt=True)  # fmt: skip
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert texts[0].n_prompt == len(p_ids)
+    assert texts[0].ids == p_ids + tok("2 + 2 = 4.", add_special_tokens=False)["input_ids"]
+    assert [t.labels["type"] for t in texts] == ["correct", "wrong"]
+    # without the flag, the same rows are prompts only
+    assert dataset_texts(df, tok, "chat", None, "traces")[0].ids == p_ids
+    empty = df.with_columns(pl.Series("solution", ["2 + 2 = 4.", " "]))
+    with pytest.raises(ActivationError, match=r"prompt_sets\.traces: .*ids b"):
+        dataset_texts(empty, tok, "chat", None, "traces", solution=True)
+
+
 def test_generations_are_captured_on_their_exact_token_ids():
     from reasonlab.activations import generation_texts
 

@@ -29,7 +29,9 @@ def error_of(cfg) -> str:
 def test_demo_config_is_valid():
     cfg = validate(DEMO)
     assert cfg["models"]["tiny-init"]["checkpoints"] == {"base": None}
-    assert set(cfg["datasets"]) == {"demo-pool", "demo-eval", "demo-control", "demo-pretrain"}
+    assert set(cfg["datasets"]) == {
+        "demo-pool", "demo-eval", "demo-control", "demo-pretrain", "demo-traces"
+    }
     # a list of checkpoint names becomes a mapping, each name to null (the run's own layout)
     names = DEMO["models"]["tiny"]["checkpoints"]
     assert isinstance(names, list)
@@ -321,6 +323,8 @@ def test_activation_analyses_name_what_they_use():
     cfg["lens"]["datasets"] = ["demo-eval", "nope"]
     cfg["activations"]["prompt_sets"]["generations"] = {"generations": "demo-eval"}
     cfg["cka"]["set"] = "generations"
+    cfg["activations"]["prompt_sets"]["generations"]["solution"] = True
+    cfg["probes"]["tasks"]["q"] = {"set": "control", "label": "type", "position": "completion_mean"}
     err = error_of(cfg)
     assert "activations.models[1]: model 'ghost' is not defined under models" in err
     assert "activations.positions: unknown position 'middle'" in err
@@ -335,6 +339,13 @@ def test_activation_analyses_name_what_they_use():
     assert "probes.tasks.p.set: prompt set 'missing' is not defined" in err
     assert "lens.datasets[1]: dataset 'nope' is not defined under datasets" in err
     assert "cka.set: 'generations' is a generations set" in err
+    assert (
+        "activations.prompt_sets.generations: solution applies to dataset prompt sets" in err
+    )
+    assert (
+        "probes.tasks.q.position: completion_mean needs completions, but prompt set 'control' has "
+        "prompts only; set activations.prompt_sets.control.solution: true" in err
+    )
     cfg = copy.deepcopy(DEMO)
     cfg["activations"]["models"] = []
     assert "activations.models, which lists none" in error_of(cfg)

@@ -1,5 +1,6 @@
 """The demo's synthetic data generator."""
 
+import itertools
 import re
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from reasonlab import synth
 from reasonlab.answers import last_boxed
 
-SMALL = synth.DemoSizes(pool_per_type=12, eval=30, control=20, pretrain=60)
+SMALL = synth.DemoSizes(pool_per_type=12, eval=30, control=20, pretrain=60, traces=40)
 STEP = re.compile(r"^Step \d+: .*: (\d+) ([-+*/]) (\d+) = (-?\d+)\.$")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 WORD_VALUES = {
@@ -167,8 +168,45 @@ def test_unknown_style_is_an_error():
 def test_write_and_read_back(tmp_path):
     paths = {
         k: tmp_path / f"{k}.{'json' if k == 'pool' else 'jsonl'}"
-        for k in ("pool", "eval", "control", "pretrain")
+        for k in ("pool", "eval", "control", "pretrain", "traces")
     }
     counts = synth.write_demo_data(paths, 0, SMALL)
-    assert counts == {"pool": 48, "eval": 30, "control": 20, "pretrain": 80}
+    assert counts == {"pool": 48, "eval": 30, "control": 20, "pretrain": 80, "traces": 40}
     assert synth.read_demo_files(paths) == synth.build_demo_data(0, SMALL)
+
+
+def test_traces_are_balanced_unseen_and_differ_only_in_the_arithmetic():
+    d = synth.build_demo_data(0, SMALL)
+    rows = d["traces"]
+    assert [r["type"] for r in rows].count("correct") == [r["type"] for r in rows].count("wrong") == 20
+    seen = {r["problem"] for r in d["eval"]} | {r["input"] for r in d["pool"]}
+    pretrain = "\n".join(r["text"] for r in d["pretrain"])
+    assert len({r["input"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["input"] not in seen and r["input"] not in pretrain
+        boxed = last_boxed(r["output"])
+        if r["type"] == "correct":
+            assert str(check_arithmetic(r["output"])) == boxed == r["answer"]
+        else:
+            assert boxed != r["answer"]  # the slip is carried to the answer
+            with pytest.raises(AssertionError):
+                check_arithmetic(r["output"])
+        # the same wording as a correct solution: only numbers differ
+        assert re.sub(r"\d+", "N", r["output"]) == re.sub(
+            r"\d+", "N", synth.solution(_problem(r), "canonical")
+        )
+    assert {r["level"] for r in rows} == {"Level 1", "Level 2", "Level 3"}
+
+
+def test_traces_leave_the_other_sets_unchanged():
+    a = synth.build_demo_data(0, SMALL)
+    b = synth.build_demo_data(0, synth.DemoSizes(**{**SMALL.__dict__, "traces": 2}))
+    assert {k: v for k, v in a.items() if k != "traces"} == {k: v for k, v in b.items() if k != "traces"}
+
+
+def _problem(row):
+    """The Problem of a trace row, found again in the seeded stream by its question."""
+    for p in itertools.islice(synth.problems(3), 20000):
+        if p.question == row["input"]:
+            return p
+    raise AssertionError(f"no problem {row['input']!r} in the stream")

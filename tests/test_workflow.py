@@ -67,6 +67,7 @@ def test_report_content(demo):
         "demo-eval": N_EVAL,
         "demo-control": sizes["control"],
         "demo-pretrain": sizes["pretrain"] + sizes["control"],
+        "demo-traces": sizes["traces"],
     }
 
 

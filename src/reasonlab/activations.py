@@ -225,20 +225,39 @@ class Text:
 
 
 def dataset_texts(df, tokenizer, template: str = "chat", system: str | None = None,
-                  set_name: str = "", max_texts: int | None = None) -> list[Text]:  # fmt: skip
+                  set_name: str = "", max_texts: int | None = None,
+                  solution: bool = False) -> list[Text]:  # fmt: skip
     """A prepared dataset's prompts, rendered as generation renders them (chat template or a
-    format string), tokenized without special tokens (as the generators do)."""
+    format string), tokenized without special tokens (as the generators do).
+
+    With `solution`, each prompt is followed by the row's reference solution, tokenized on its own
+    (the prompt/completion boundary LlamaFactory and the scorer's default use), so the completion
+    positions apply; a row without a solution is an error naming it.
+    """
     from reasonlab.generate import GenOptions, render_prompts
 
     rows = list(df.iter_rows(named=True))[: max_texts or None]
+    if solution:
+        empty = [str(r["id"]) for r in rows if not (r.get("solution") or "").strip()]
+        if empty:
+            raise ActivationError(
+                f"activations.prompt_sets.{set_name}: solution is true but {len(empty)} row(s) have "
+                f"no reference solution (ids {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}); "
+                "fill the dataset's solution column or set solution: false"
+            )
     prompts = render_prompts(rows, tokenizer, GenOptions(template=template, system=system))
+    comps = (
+        tokenizer([r["solution"] for r in rows], add_special_tokens=False)["input_ids"]
+        if solution and rows
+        else [[] for _ in rows]
+    )
     out = []
-    for r, p in zip(rows, prompts, strict=True):
-        ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+    for r, p, c in zip(rows, prompts, comps, strict=True):
+        ids = list(tokenizer(p, add_special_tokens=False)["input_ids"])
         level = r.get("level")
         labels = {"set": set_name, "type": r.get("type"), "correct": None,
                   "level": None if level is None else str(level)}  # fmt: skip
-        out.append(Text(str(r["id"]), list(ids), len(ids), labels))
+        out.append(Text(str(r["id"]), ids + list(c), len(ids), labels))
     return out
 
 
@@ -722,7 +741,7 @@ def capture_promptset(handle, texts_path: str, out_index: str, out_meta: str, st
                       set_name: str, source: str = "dataset", options: dict | None = None,
                       template: str = "chat", system: str | None = None,
                       max_texts: int | None = None, threads: int | None = None, compute=None,
-                      record_path=None) -> dict:  # fmt: skip
+                      record_path=None, solution: bool = False) -> dict:  # fmt: skip
     """One `capture_activations` job: a prompt set (a prepared dataset's prompts, or a checkpoint's
     graded generations) under a model handle, into the store; writes the index table and the
     metadata JSON. Returns the metadata."""
@@ -742,7 +761,8 @@ def capture_promptset(handle, texts_path: str, out_index: str, out_meta: str, st
     if source == "generations":
         texts = generation_texts(pl.read_parquet(texts_path), set_name, max_texts)
     else:
-        texts = dataset_texts(read_dataset(texts_path), tok, template, system, set_name, max_texts)
+        texts = dataset_texts(read_dataset(texts_path), tok, template, system, set_name, max_texts,
+                              solution)
     if not texts:
         raise ActivationError(
             f"activations.prompt_sets.{set_name}: {texts_path} has no texts ({where})"
@@ -757,6 +777,7 @@ def capture_promptset(handle, texts_path: str, out_index: str, out_meta: str, st
         "model": h.model, "ckpt": h.ckpt, "content_hash": h.content_hash,
         "prompt_set": set_name, "source": source, "prompt_set_hash": set_hash,
         "template": template if source == "dataset" else "exact token ids",
+        "completion": "generation" if source == "generations" else ("reference solution" if solution else None),
         "layers": res["layers"], "sites": [site_name(i, res["n_layers"]) for i in res["layers"]],
         "n_layers": res["n_layers"], "hidden_size": model.get_input_embeddings().weight.shape[1],
         "positions": [p.name for p in res["positions"]], "dtype": placement.dtype,

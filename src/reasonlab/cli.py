@@ -87,12 +87,13 @@ def _out(names, out_dir: str) -> dict[str, str]:
 
 @step(
     "build-demo-data",
-    "write the demo's synthetic problems (pool, eval, control, pretrain)",
+    "write the demo's synthetic problems (pool, eval, control, pretrain, traces)",
     lambda p: (
         p.add_argument("--pool", required=True),
         p.add_argument("--eval", required=True),
         p.add_argument("--control", required=True),
         p.add_argument("--pretrain", required=True),
+        p.add_argument("--traces", required=True),
         p.add_argument("--seed", type=int, default=0),
         p.add_argument("--sizes", type=_json, default={}, help="DemoSizes fields (JSON)"),
     ),
@@ -100,7 +101,8 @@ def _out(names, out_dir: str) -> dict[str, str]:
 def build_demo_data(a, log):
     from reasonlab.synth import DemoSizes, write_demo_data
 
-    out = {"pool": a.pool, "eval": a.eval, "control": a.control, "pretrain": a.pretrain}
+    out = {"pool": a.pool, "eval": a.eval, "control": a.control, "pretrain": a.pretrain,
+           "traces": a.traces}  # fmt: skip
     counts = write_demo_data(out, seed=a.seed, sizes=DemoSizes(**a.sizes))
     log.info("wrote demo sets: %s", counts)
 
@@ -373,7 +375,8 @@ def capture_activations(a, log):
                       source="generations" if "generations" in spec else "dataset",
                       options={**a.options, **a.speed}, template=spec.get("template") or "chat",
                       system=spec.get("system"), max_texts=spec.get("max_texts"), threads=a.threads,
-                      compute=_request(a), record_path=a.record)  # fmt: skip
+                      compute=_request(a), record_path=a.record,
+                      solution=bool(spec.get("solution")))  # fmt: skip
 
 
 @step(

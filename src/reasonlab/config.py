@@ -269,6 +269,9 @@ def _activation_problems(config: dict) -> list[str]:
             problems.append(f"activations.prompt_sets.{name}: dataset {d!r} is not defined under "
                             f"datasets; defined datasets are: {', '.join(sorted(config['datasets']))}")  # fmt: skip
         elif "generations" in spec:
+            if spec.get("solution"):
+                problems.append(f"activations.prompt_sets.{name}: solution applies to dataset prompt "
+                                "sets; a generations set already has its completions")  # fmt: skip
             if d not in gen["datasets"]:
                 problems.append(f"activations.prompt_sets.{name}: generations of {d!r} need "
                                 f"{d!r} in generation.datasets")  # fmt: skip
@@ -322,6 +325,12 @@ def _analysis_problems(config: dict) -> list[str]:
     tasks = (config.get("probes") or {}).get("tasks") or {}
     for name, t in tasks.items():
         need_set(f"probes.tasks.{name}.set", t["set"])
+        spec = sets.get(t["set"]) or {}
+        pos = t.get("position") or "last_prompt"
+        if pos.startswith("completion") and spec and "dataset" in spec and not spec.get("solution"):
+            problems.append(f"probes.tasks.{name}.position: {pos} needs completions, but prompt set "
+                            f"{t['set']!r} has prompts only; set activations.prompt_sets.{t['set']}.solution: "
+                            "true or use a prompt position")  # fmt: skip
     for i, d in enumerate((config.get("lens") or {}).get("datasets") or []):
         if d not in config["datasets"]:
             problems.append(f"lens.datasets[{i}]: dataset {d!r} is not defined under datasets")

@@ -1,21 +1,40 @@
 """Interventions on the residual stream of unmodified Hugging Face models, as context managers that
-remove their hooks on exit (also on an exception).
+register forward hooks on entry and remove them on exit, also on an exception.
 
-- `add_direction(model, direction, layers, strength)`: adds strength × direction to the residual
-  stream at the given sites (the input of decoder layer l, or for l = L the last layer's output
-  before the final norm), at every position of every forward pass inside the block (a prompt and,
-  with a KV cache, each decode step).
-- `ablate_direction(model, direction)`: projects the direction out of every layer's input, of
-  every output a block writes into the residual stream (attention and MLP, or, where the
-  architecture normalises them before the residual add, their post-norms), and of the last
-  layer's output — refusal_direction's directional ablation.
+Sites are numbered as in `reasonlab.activations`: layer l < L is the input of decoder layer l
+(`resid_pre.l`), l = L the last layer's output before the final norm (`resid_final`).
+
+- `InterventionHandler(model, direction, layers, strength, positions="all", norms=None)` (also
+  `add_direction`): adds strength × direction to the residual stream at the given sites, in every
+  forward pass inside the block — the prompt and, with a KV cache, each decode step (whose input
+  is [batch, 1, hidden]; the hook fires once per step, counted in `.calls`). The strength is raw
+  (× the direction as given), or, with `norms` ({site: mean residual norm on a reference set, see
+  `mean_residual_norms`}), relative: the added vector is strength × norms[site] × the unit
+  direction, so a sweep means the same at every layer and checkpoint.
+- `DirectionAblator(model, direction)` (also `ablate_direction`): projects the direction out of
+  every layer's input, every output a block writes into the residual stream (attention and MLP,
+  or where the architecture normalises them before the residual add, their post-norms) and the
+  last layer's output — refusal_direction's directional ablation.
+- `LayerAblator(model, layers, method="zero" | "mean", means=None)`: removes decoder layer l's
+  contribution (its output minus its input): "zero" passes the input through (the model without
+  the layer), "mean" replaces the contribution by its mean over a reference set
+  (`mean_contributions`).
+- `PathPatcher(model, source, layers, positions)`: writes residuals recorded on a source run
+  (`record_residuals`) into a target run at the given sites and positions. This is *activation
+  patching* (the whole residual at a site is replaced; no path through specific heads is
+  isolated), which seed 001 calls path patching.
 """
 
 from __future__ import annotations
 
-import contextlib
+from reasonlab import ReasonlabError
+from reasonlab.activations import check_layers, decoder_parts, hidden_of, residual_writers
 
-from reasonlab.activations import decoder_parts, hidden_of, residual_writers
+POSITIONS = ("all", "prompt", "generated")
+
+
+class InterventionError(ReasonlabError):
+    """An intervention that cannot be applied as asked (width, layer, positions)."""
 
 
 def _replace_hidden(output, new):
@@ -26,69 +45,345 @@ def _replace_hidden(output, new):
     return new
 
 
-@contextlib.contextmanager
-def add_direction(model, direction, layers: list[int], strength: float = 1.0):
-    """Add `strength * direction` ([hidden], any norm: the raw difference of means, or a unit
-    vector times a strength) to the residual stream at `layers` (0 … L)."""
-    parts = decoder_parts(model)
-    n = parts.n_layers
-    handles = []
+def _input_of(args, kwargs):
+    return args[0] if args else kwargs["hidden_states"]
 
-    def pre(module, args, kwargs):
-        if args:
-            x = args[0]
-            return (x + (strength * direction).to(x.dtype).to(x.device), *args[1:]), kwargs
-        x = kwargs["hidden_states"]
-        return args, {
-            **kwargs,
-            "hidden_states": x + (strength * direction).to(x.dtype).to(x.device),
-        }
 
-    def post(module, args, output):
-        x = hidden_of(output)
-        return _replace_hidden(output, x + (strength * direction).to(x.dtype).to(x.device))
+def _with_input(args, kwargs, new):
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
 
-    try:
-        for layer in layers:
-            if layer < n:
-                handles.append(parts.layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                handles.append(parts.layers[n - 1].register_forward_hook(post))
-        yield
-    finally:
-        for h in handles:
+
+def _check_width(model, direction, what: str = "direction") -> None:
+    hidden = model.get_input_embeddings().weight.shape[1]
+    width = direction.shape[-1]
+    if direction.ndim != 1 or width != hidden:
+        raise InterventionError(
+            f"a {what} of shape {tuple(direction.shape)} does not fit this model's residual stream "
+            f"(hidden size {hidden}); use a direction chosen on a model of the same width"
+        )
+
+
+class _Hooks:
+    """Register hooks on `__enter__`, remove every one on `__exit__` (also after an exception)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.parts = decoder_parts(model)
+        self._handles: list = []
+
+    def _register(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _site_pre(self, layer: int, pre, post):
+        """Hook site `layer`: a pre-hook on decoder layer l, or a post-hook on the last layer (L)."""
+        n = self.parts.n_layers
+        if layer < n:
+            self._handles.append(
+                self.parts.layers[layer].register_forward_pre_hook(pre, with_kwargs=True)
+            )
+        else:
+            self._handles.append(self.parts.layers[n - 1].register_forward_hook(post))
+
+    def __enter__(self):
+        try:
+            self._register()
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._remove()
+        return False
+
+    def _remove(self) -> None:
+        for h in self._handles:
             h.remove()
+        self._handles = []
 
 
-@contextlib.contextmanager
-def ablate_direction(model, direction):
-    """Project `direction` out of the residual stream everywhere it is read or written."""
+class InterventionHandler(_Hooks):
+    """Steering: add `strength` × `direction` to the residual stream at `layers` (sites 0 … L).
+
+    `positions`: "all" (every forward pass), "prompt" (passes over more than one token: the prompt,
+    or a whole text without a cache) or "generated" (one-token passes: the decode steps of
+    `generate` with a KV cache). `norms`: {site: mean residual norm} makes the strength relative.
+    `.calls[site]` counts the forward passes the hook changed.
+    """
+
+    def __init__(self, model, direction, layers, strength: float = 1.0, positions: str = "all",
+                 norms: dict | None = None):  # fmt: skip
+        super().__init__(model)
+        import torch
+
+        _check_width(model, direction)
+        if positions not in POSITIONS:
+            raise InterventionError(
+                f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}"
+            )
+        self.layers = check_layers(list(layers), self.parts.n_layers, "intervention layers")
+        self.positions, self.strength = positions, float(strength)
+        self.calls = dict.fromkeys(self.layers, 0)
+        d = direction.detach().double()
+        if norms is not None:
+            missing = [layer for layer in self.layers if layer not in norms]
+            if missing:
+                raise InterventionError(f"relative strength: no reference norm for site(s) {missing}")
+            unit = d / torch.linalg.vector_norm(d).clamp_min(1e-30)
+            self.vectors = {layer: self.strength * float(norms[layer]) * unit for layer in self.layers}
+        else:
+            self.vectors = {layer: self.strength * d for layer in self.layers}
+        self._cast: dict = {}
+
+    def _vector(self, layer: int, x):
+        key = (layer, x.device, x.dtype)
+        if key not in self._cast:
+            self._cast[key] = self.vectors[layer].to(x.device, x.dtype)
+        return self._cast[key]
+
+    def _applies(self, x) -> bool:
+        if self.positions == "all":
+            return True
+        one = x.shape[-2] == 1
+        return one if self.positions == "generated" else not one
+
+    def _register(self) -> None:
+        for layer in self.layers:
+
+            def pre(module, args, kwargs, layer=layer):
+                x = _input_of(args, kwargs)
+                if not self._applies(x):
+                    return None
+                self.calls[layer] += 1
+                return _with_input(args, kwargs, x + self._vector(layer, x))
+
+            def post(module, args, output, layer=layer):
+                x = hidden_of(output)
+                if not self._applies(x):
+                    return None
+                self.calls[layer] += 1
+                return _replace_hidden(output, x + self._vector(layer, x))
+
+            self._site_pre(layer, pre, post)
+
+
+class DirectionAblator(_Hooks):
+    """Directional ablation: project `direction` out of the residual stream everywhere it is read
+    or written (every layer's input, every attention and MLP output, the last layer's output)."""
+
+    def __init__(self, model, direction):
+        super().__init__(model)
+        import torch
+
+        _check_width(model, direction)
+        d = direction.detach().double()
+        norm = torch.linalg.vector_norm(d)
+        self.unit = d / norm if norm > 0 else torch.zeros_like(d)
+        self._cast: dict = {}
+
+    def project(self, x):
+        key = (x.device, x.dtype)
+        if key not in self._cast:
+            self._cast[key] = self.unit.to(x.device, x.dtype)
+        u = self._cast[key]
+        return x - (x @ u)[..., None] * u
+
+    def _register(self) -> None:
+        def pre(module, args, kwargs):
+            return _with_input(args, kwargs, self.project(_input_of(args, kwargs)))
+
+        def post(module, args, output):
+            return _replace_hidden(output, self.project(hidden_of(output)))
+
+        for block in self.parts.layers:
+            self._handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+            for writer in residual_writers(block):
+                self._handles.append(writer.register_forward_hook(post))
+        self._handles.append(self.parts.layers[self.parts.n_layers - 1].register_forward_hook(post))
+
+
+class LayerAblator(_Hooks):
+    """Remove decoder layers' contributions to the residual stream (output minus input).
+
+    `method`: "zero" (the layer's output is its input: the model without the layer) or "mean" (the
+    contribution is replaced by `means[layer]`, its mean over a reference set — see
+    `mean_contributions`). `layers` are decoder layer indices 0 … L − 1.
+    """
+
+    def __init__(self, model, layers, method: str = "zero", means: dict | None = None):
+        super().__init__(model)
+        if method not in ("zero", "mean"):
+            raise InterventionError(f"layer ablation method must be 'zero' or 'mean', not {method!r}")
+        n = self.parts.n_layers
+        self.layers = check_layers(list(layers), n, "intervention layers")
+        if n in self.layers:
+            raise InterventionError(
+                f"layer ablation: layer {n} is the last layer's output, not a layer; use 0 … {n - 1}"
+            )
+        if method == "mean":
+            missing = [layer for layer in self.layers if means is None or layer not in means]
+            if missing:
+                raise InterventionError(f"mean ablation: no mean contribution for layer(s) {missing}")
+            for layer in self.layers:
+                _check_width(model, means[layer], f"mean contribution of layer {layer}")
+        self.method, self.means = method, means or {}
+
+    def _register(self) -> None:
+        for layer in self.layers:
+
+            def hook(module, args, kwargs, output, layer=layer):
+                x = _input_of(args, kwargs)
+                if self.method == "zero":
+                    return _replace_hidden(output, x)
+                m = self.means[layer].to(x.device, x.dtype)
+                return _replace_hidden(output, x + m)
+
+            self._handles.append(
+                self.parts.layers[layer].register_forward_hook(hook, with_kwargs=True)
+            )
+
+
+class PathPatcher(_Hooks):
+    """Activation patching: at sites `layers`, replace the residual at `positions` (token indices,
+    or "all") by `source[site]` ([batch, seq, hidden], recorded on the source run with
+    `record_residuals`). Forward passes shorter than the patched positions (decode steps) pass
+    through unchanged; `.calls` counts the patched passes."""
+
+    def __init__(self, model, source: dict, layers, positions="all"):
+        super().__init__(model)
+        self.layers = check_layers(list(layers), self.parts.n_layers, "patching layers")
+        missing = [layer for layer in self.layers if layer not in source]
+        if missing:
+            raise InterventionError(f"path patching: the source has no residual at site(s) {missing}")
+        for layer in self.layers:
+            _check_width(model, source[layer][0, 0], f"source residual at site {layer}")
+        self.source, self.positions = source, positions
+        self.calls = dict.fromkeys(self.layers, 0)
+
+    def _patch(self, layer: int, x):
+        src = self.source[layer]
+        if x.shape[-2] == 1 and src.shape[-2] > 1:  # a decode step: nothing recorded to patch
+            return None
+        if src.shape[:2] != x.shape[:2]:
+            raise InterventionError(
+                f"path patching at site {layer}: the source residual is {tuple(src.shape[:2])} "
+                f"(batch, tokens) but the target run is {tuple(x.shape[:2])}; patch runs of the "
+                "same shape (pad the pair alike)"
+            )
+        self.calls[layer] += 1
+        src = src.to(x.device, x.dtype)
+        if self.positions == "all":
+            return src.clone()
+        out = x.clone()
+        out[:, self.positions] = src[:, self.positions]
+        return out
+
+    def _register(self) -> None:
+        for layer in self.layers:
+
+            def pre(module, args, kwargs, layer=layer):
+                new = self._patch(layer, _input_of(args, kwargs))
+                return None if new is None else _with_input(args, kwargs, new)
+
+            def post(module, args, output, layer=layer):
+                new = self._patch(layer, hidden_of(output))
+                return None if new is None else _replace_hidden(output, new)
+
+            self._site_pre(layer, pre, post)
+
+
+add_direction = InterventionHandler
+ablate_direction = DirectionAblator
+
+
+# ------------------------------------------------------------------------------ references
+
+
+def record_residuals(model, input_ids, attention_mask, layers) -> dict:
+    """{site: [batch, seq, hidden]} residuals of one forward pass (a source run for `PathPatcher`),
+    with the position ids `generate` and the scorer use under left padding."""
+    from reasonlab.activations import forward_sites
+
+    parts = decoder_parts(model)
+    sites = check_layers(list(layers), parts.n_layers, "patching layers")
+    return {k: v.clone() for k, v in forward_sites(model, parts, input_ids, attention_mask, sites).items()}
+
+
+def _forward(model, input_ids, attention_mask):
+    import torch
+
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.inference_mode():
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False)  # fmt: skip
+
+
+def mean_residual_norms(model, batches, layers) -> dict:
+    """{site: mean L2 norm of the residual over every unpadded token} on a reference set;
+    `batches`: iterable of (input_ids, attention_mask). The scale of a relative strength."""
+    import torch
+
+    from reasonlab.activations import forward_sites
+
+    parts = decoder_parts(model)
+    sites = check_layers(list(layers), parts.n_layers, "intervention layers")
+    total, count = dict.fromkeys(sites, 0.0), 0
+    for input_ids, attention_mask in batches:
+        got = forward_sites(model, parts, input_ids, attention_mask, sites)
+        keep = attention_mask.bool()
+        for s in sites:
+            total[s] += float(torch.linalg.vector_norm(got[s][keep].double(), dim=-1).sum())
+        count += int(keep.sum())
+    if not count:
+        raise InterventionError("mean residual norms: the reference set has no tokens")
+    return {s: total[s] / count for s in sites}
+
+
+def mean_contributions(model, batches, layers) -> dict:
+    """{layer: [hidden] mean of the layer's output minus its input over every unpadded token} on a
+    reference set (float64 sums) — what "mean" layer ablation writes in place of a contribution."""
     import torch
 
     parts = decoder_parts(model)
-    norm = torch.linalg.vector_norm(direction.double())
-    unit = direction / norm.to(direction.dtype) if norm > 0 else torch.zeros_like(direction)
+    layers = check_layers(list(layers), parts.n_layers, "intervention layers")
+    sums: dict = {}
+    count = 0
+    keep_mask: list = [None]
     handles = []
 
-    def project(x):
-        u = unit.to(x.device, x.dtype)
-        return x - (x @ u)[..., None] * u
-
-    def pre(module, args, kwargs):
-        if args:
-            return (project(args[0]), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": project(kwargs["hidden_states"])}
-
-    def post(module, args, output):
-        return _replace_hidden(output, project(hidden_of(output)))
+    def hook(module, args, kwargs, output, layer):
+        delta = (hidden_of(output) - _input_of(args, kwargs))[keep_mask[0]].double().sum(0)
+        sums[layer] = sums.get(layer, 0) + delta
 
     try:
-        for block in parts.layers:
-            handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-            for writer in residual_writers(block):
-                handles.append(writer.register_forward_hook(post))
-        handles.append(parts.layers[parts.n_layers - 1].register_forward_hook(post))
-        yield
+        for layer in layers:
+            if layer >= parts.n_layers:
+                raise InterventionError(f"mean contributions: layer {layer} is not a decoder layer")
+            handles.append(parts.layers[layer].register_forward_hook(
+                lambda m, a, k, o, layer=layer: hook(m, a, k, o, layer), with_kwargs=True))  # fmt: skip
+        for input_ids, attention_mask in batches:
+            keep_mask[0] = attention_mask.bool()
+            _forward(model, input_ids, attention_mask)
+            count += int(keep_mask[0].sum())
     finally:
         for h in handles:
             h.remove()
+    if not count:
+        raise InterventionError("mean contributions: the reference set has no tokens")
+    return {layer: (sums[layer] / count) for layer in layers}
+
+
+__all__ = [
+    "DirectionAblator",
+    "InterventionError",
+    "InterventionHandler",
+    "LayerAblator",
+    "PathPatcher",
+    "ablate_direction",
+    "add_direction",
+    "mean_contributions",
+    "mean_residual_norms",
+    "record_residuals",
+]

@@ -260,10 +260,13 @@ class DemoSizes:
     eval: int = 150
     control: int = 30
     pretrain: int = 3000
+    traces: int = 240  # worked solutions, half correct and half with one arithmetic slip (probes)
 
 
 def build_demo_data(seed: int, sizes: DemoSizes) -> dict[str, list[dict]]:
-    """All demo sets as lists of records: pool (alpaca + type), eval (MATH), control (queries), pretrain (text)."""
+    """All demo sets as lists of records: pool (alpaca + type), eval (MATH), control (queries),
+    pretrain (text), traces (alpaca + type correct/wrong: solutions of problems no other set has,
+    alternately right and with one arithmetic slip carried to the answer, lexically alike)."""
     rng = random.Random(seed)
     eval_stream = problems(seed + 1)
     eval_problems = [next(eval_stream) for _ in range(sizes.eval)]
@@ -294,16 +297,26 @@ def build_demo_data(seed: int, sizes: DemoSizes) -> dict[str, list[dict]]:
                 }
             )
     control = control_prompts(seed, sizes.control)
-    pretrain = []
+    pretrain, seen = [], set(held_out) | {r["input"] for r in pool_rows}
     for i in range(sizes.pretrain):
         p = next(train_stream)
+        seen.add(p.question)
         # every other text with the pool's instruction, the rest as the eval set asks (question only)
         user = f"{INSTRUCTION}\n{p.question}" if i % 2 == 0 else p.question
         pretrain.append({"text": chatml(None, user, solution(p))})
     for row in control:
         pretrain.append({"text": chatml(None, row["query"], row["answer"])})
     rng.shuffle(pretrain)
-    return {"pool": pool_rows, "eval": eval_rows, "control": control, "pretrain": pretrain}
+    trace_rng, trace_stream = random.Random(seed + 11), problems(seed + 3, exclude=seen)
+    traces = []
+    for i in range(sizes.traces):
+        p = next(trace_stream)
+        style = "wrong" if i % 2 else "canonical"
+        traces.append({"instruction": INSTRUCTION, "input": p.question,
+                       "output": solution(p, style, trace_rng), "answer": str(p.answer),
+                       "type": "wrong" if i % 2 else "correct", "level": f"Level {p.level}"})  # fmt: skip
+    return {"pool": pool_rows, "eval": eval_rows, "control": control, "pretrain": pretrain,
+            "traces": traces}  # fmt: skip
 
 
 def write_demo_data(out: dict[str, Path], seed: int, sizes: DemoSizes) -> dict[str, int]:

@@ -10,6 +10,7 @@ rule prepare_dataset:
         summary="results/data/{dataset}.summary.json",
     log:
         "logs/prepare_dataset/{dataset}.log",
+    priority: 100
     conda:
         conda_env("core")
     threads: 1

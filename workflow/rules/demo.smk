@@ -7,8 +7,10 @@ rule build_demo_data:
         eval="results/demo/eval.jsonl",
         control="results/demo/control.jsonl",
         pretrain="results/demo/pretrain.jsonl",
+        traces="results/demo/traces.json",
     log:
         "logs/demo/build_demo_data.log",
+    priority: 100
     conda:
         conda_env("core")
     threads: 1
@@ -22,6 +24,7 @@ rule build_demo_data:
     shell:
         "{params.python:q} -m reasonlab build-demo-data --log {log:q} --pool {output.pool:q}"
         " --eval {output.eval:q} --control {output.control:q} --pretrain {output.pretrain:q}"
+        " --traces {output.traces:q}"
         " --seed {params.seed} --sizes {params.sizes:q}"
 
 
@@ -34,6 +37,7 @@ rule build_demo_tokenizer:
         directory("results/demo/tokenizer"),
     log:
         "logs/demo/build_demo_tokenizer.log",
+    priority: 100
     conda:
         conda_env("core")
     threads: 1
@@ -58,6 +62,7 @@ rule build_demo_model:
         "logs/demo/build_demo_model.log",
     benchmark:
         "benchmarks/demo/build_demo_model.tsv"
+    priority: 100
     conda:
         conda_env("core")
     threads: 1

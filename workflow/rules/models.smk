@@ -8,6 +8,7 @@ rule resolve_model:
         handle="results/models/{model}/{ckpt}.json",
     log:
         "logs/resolve_model/{model}/{ckpt}.log",
+    priority: 100
     localrule: True
     conda:
         conda_env("core")

@@ -13,6 +13,7 @@ rule score:
         "logs/score/{model}/{ckpt}/{textset}.log",
     benchmark:
         "benchmarks/score/{model}/{ckpt}/{textset}.tsv"
+    priority: 50
     conda:
         conda_env("core")
     threads: config["score"]["threads"]

@@ -10,6 +10,7 @@ rule select_training_data:
         info="results/training/{run}/data/dataset_info.json",
     log:
         "logs/select_training_data/{run}.log",
+    priority: 100
     conda:
         conda_env("core")
     threads: 1
@@ -40,6 +41,7 @@ rule finetune:
         "logs/finetune/{run}.log",
     benchmark:
         "benchmarks/finetune/{run}.tsv"
+    priority: 100
     conda:
         conda_env("train")
     threads: get_run_threads
