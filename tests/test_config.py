@@ -30,7 +30,11 @@ def test_demo_config_is_valid():
     cfg = validate(DEMO)
     assert cfg["models"]["tiny-init"]["checkpoints"] == {"base": None}
     assert set(cfg["datasets"]) == {
-        "demo-pool", "demo-eval", "demo-control", "demo-pretrain", "demo-traces"
+        "demo-pool",
+        "demo-eval",
+        "demo-control",
+        "demo-pretrain",
+        "demo-traces",
     }
     # a list of checkpoint names becomes a mapping, each name to null (the run's own layout)
     names = DEMO["models"]["tiny"]["checkpoints"]
@@ -339,9 +343,7 @@ def test_activation_analyses_name_what_they_use():
     assert "probes.tasks.p.set: prompt set 'missing' is not defined" in err
     assert "lens.datasets[1]: dataset 'nope' is not defined under datasets" in err
     assert "cka.set: 'generations' is a generations set" in err
-    assert (
-        "activations.prompt_sets.generations: solution applies to dataset prompt sets" in err
-    )
+    assert "activations.prompt_sets.generations: solution applies to dataset prompt sets" in err
     assert (
         "probes.tasks.q.position: completion_mean needs completions, but prompt set 'control' has "
         "prompts only; set activations.prompt_sets.control.solution: true" in err

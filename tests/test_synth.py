@@ -178,7 +178,9 @@ def test_write_and_read_back(tmp_path):
 def test_traces_are_balanced_unseen_and_differ_only_in_the_arithmetic():
     d = synth.build_demo_data(0, SMALL)
     rows = d["traces"]
-    assert [r["type"] for r in rows].count("correct") == [r["type"] for r in rows].count("wrong") == 20
+    assert (
+        [r["type"] for r in rows].count("correct") == [r["type"] for r in rows].count("wrong") == 20
+    )
     seen = {r["problem"] for r in d["eval"]} | {r["input"] for r in d["pool"]}
     pretrain = "\n".join(r["text"] for r in d["pretrain"])
     assert len({r["input"] for r in rows}) == len(rows)
@@ -201,7 +203,9 @@ def test_traces_are_balanced_unseen_and_differ_only_in_the_arithmetic():
 def test_traces_leave_the_other_sets_unchanged():
     a = synth.build_demo_data(0, SMALL)
     b = synth.build_demo_data(0, synth.DemoSizes(**{**SMALL.__dict__, "traces": 2}))
-    assert {k: v for k, v in a.items() if k != "traces"} == {k: v for k, v in b.items() if k != "traces"}
+    assert {k: v for k, v in a.items() if k != "traces"} == {
+        k: v for k, v in b.items() if k != "traces"
+    }
 
 
 def _problem(row):

@@ -761,8 +761,9 @@ def capture_promptset(handle, texts_path: str, out_index: str, out_meta: str, st
     if source == "generations":
         texts = generation_texts(pl.read_parquet(texts_path), set_name, max_texts)
     else:
-        texts = dataset_texts(read_dataset(texts_path), tok, template, system, set_name, max_texts,
-                              solution)
+        texts = dataset_texts(
+            read_dataset(texts_path), tok, template, system, set_name, max_texts, solution
+        )
     if not texts:
         raise ActivationError(
             f"activations.prompt_sets.{set_name}: {texts_path} has no texts ({where})"

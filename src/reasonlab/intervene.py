@@ -130,9 +130,13 @@ class InterventionHandler(_Hooks):
         if norms is not None:
             missing = [layer for layer in self.layers if layer not in norms]
             if missing:
-                raise InterventionError(f"relative strength: no reference norm for site(s) {missing}")
+                raise InterventionError(
+                    f"relative strength: no reference norm for site(s) {missing}"
+                )
             unit = d / torch.linalg.vector_norm(d).clamp_min(1e-30)
-            self.vectors = {layer: self.strength * float(norms[layer]) * unit for layer in self.layers}
+            self.vectors = {
+                layer: self.strength * float(norms[layer]) * unit for layer in self.layers
+            }
         else:
             self.vectors = {layer: self.strength * d for layer in self.layers}
         self._cast: dict = {}
@@ -215,7 +219,9 @@ class LayerAblator(_Hooks):
     def __init__(self, model, layers, method: str = "zero", means: dict | None = None):
         super().__init__(model)
         if method not in ("zero", "mean"):
-            raise InterventionError(f"layer ablation method must be 'zero' or 'mean', not {method!r}")
+            raise InterventionError(
+                f"layer ablation method must be 'zero' or 'mean', not {method!r}"
+            )
         n = self.parts.n_layers
         self.layers = check_layers(list(layers), n, "intervention layers")
         if n in self.layers:
@@ -225,7 +231,9 @@ class LayerAblator(_Hooks):
         if method == "mean":
             missing = [layer for layer in self.layers if means is None or layer not in means]
             if missing:
-                raise InterventionError(f"mean ablation: no mean contribution for layer(s) {missing}")
+                raise InterventionError(
+                    f"mean ablation: no mean contribution for layer(s) {missing}"
+                )
             for layer in self.layers:
                 _check_width(model, means[layer], f"mean contribution of layer {layer}")
         self.method, self.means = method, means or {}
@@ -256,7 +264,9 @@ class PathPatcher(_Hooks):
         self.layers = check_layers(list(layers), self.parts.n_layers, "patching layers")
         missing = [layer for layer in self.layers if layer not in source]
         if missing:
-            raise InterventionError(f"path patching: the source has no residual at site(s) {missing}")
+            raise InterventionError(
+                f"path patching: the source has no residual at site(s) {missing}"
+            )
         for layer in self.layers:
             _check_width(model, source[layer][0, 0], f"source residual at site {layer}")
         self.source, self.positions = source, positions
@@ -308,7 +318,10 @@ def record_residuals(model, input_ids, attention_mask, layers) -> dict:
 
     parts = decoder_parts(model)
     sites = check_layers(list(layers), parts.n_layers, "patching layers")
-    return {k: v.clone() for k, v in forward_sites(model, parts, input_ids, attention_mask, sites).items()}
+    return {
+        k: v.clone()
+        for k, v in forward_sites(model, parts, input_ids, attention_mask, sites).items()
+    }
 
 
 def _forward(model, input_ids, attention_mask):
@@ -344,7 +357,6 @@ def mean_residual_norms(model, batches, layers) -> dict:
 def mean_contributions(model, batches, layers) -> dict:
     """{layer: [hidden] mean of the layer's output minus its input over every unpadded token} on a
     reference set (float64 sums) — what "mean" layer ablation writes in place of a contribution."""
-    import torch
 
     parts = decoder_parts(model)
     layers = check_layers(list(layers), parts.n_layers, "intervention layers")
