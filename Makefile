@@ -2,6 +2,7 @@
 #   make demo   build the environments, then run the embedded demo to results/report.html
 #   make test   build the environments, then run the test suite
 # Building the environments (envs/setup.sh) is idempotent: an unchanged environment is skipped.
+# The demo's jobs run as forks of a job server that imports torch once (reasonlab.jobserver).
 VENVS ?= .venvs
 CORES ?= 2
 
@@ -11,7 +12,7 @@ envs:
 	bash envs/setup.sh
 
 demo: envs
-	$(VENVS)/core/bin/snakemake -c$(CORES) results/report.html
+	$(VENVS)/core/bin/python -m reasonlab.jobserver -- $(VENVS)/core/bin/snakemake -c$(CORES) results/report.html
 
 test: envs
 	$(VENVS)/core/bin/python -m pytest

@@ -1,19 +1,40 @@
 """Helpers of the end-to-end tests: run Snakemake on the real workflow in a working directory."""
 
+import atexit
+import os
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
 import yaml
 
+from reasonlab import jobserver
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+_SERVER: list = []
+
+
+def job_env() -> dict:
+    """The environment of a test's Snakemake run: with one job server for the whole session (as
+    `make demo` runs the demo), started on first use; its jobs run as forks of it."""
+    if not _SERVER:
+        directory = tempfile.mkdtemp(prefix="reasonlab-test-jobserver-")
+        env = {**os.environ, jobserver.ENV_VAR: directory}
+        p = subprocess.Popen([sys.executable, "-m", "reasonlab.jobserver", "--serve", directory,
+                              "--idle", "1800"], env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        p.stdout.readline()
+        atexit.register(p.terminate)
+        _SERVER.append(env)
+    return {**os.environ, jobserver.ENV_VAR: _SERVER[0][jobserver.ENV_VAR]}
 
 
 def snakemake(workdir, *args, check=True, timeout=1200):
     cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir), "-c2", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=workdir,
+                       env=job_env())  # fmt: skip
     if check and r.returncode != 0:
         raise AssertionError(
             f"snakemake {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"

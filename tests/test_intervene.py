@@ -1,0 +1,249 @@
+"""Interventions (reasonlab.intervene) against independent computations on random tiny models."""
+
+import copy
+
+import pytest
+import torch
+from test_activations import random_model
+
+from reasonlab.activations import ActivationError, decoder_parts, forward_sites, residual_writers
+from reasonlab.intervene import (
+    DirectionAblator,
+    InterventionError,
+    InterventionHandler,
+    LayerAblator,
+    PathPatcher,
+    mean_contributions,
+    mean_residual_norms,
+    record_residuals,
+)
+
+ARCHS = ["qwen2", "gpt2"]  # a block returning a tensor, and one returning a tuple
+
+
+def hidden(model) -> int:
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def batch(seed=0, n=3, length=9, vocab=97):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, length), generator=g)
+    return ids, torch.ones_like(ids)
+
+
+def logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def hook_counts(model):
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+
+
+def greedy(model, ids, n=6):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                              max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_strength_zero_reproduces_the_baseline_exactly(arch):
+    model = random_model(arch)
+    d = torch.randn(hidden(model), dtype=torch.float64)
+    ids, mask = batch()
+    base, base_gen = logits(model, ids, mask), greedy(model, ids[:1])
+    with InterventionHandler(model, d, [0, 1, 3], strength=0.0):
+        same, gen = logits(model, ids, mask), greedy(model, ids[:1])
+    assert torch.equal(same, base)
+    assert torch.equal(gen.sequences, base_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(gen.scores, base_gen.scores, strict=True))
+    # a non-zero strength changes them
+    with InterventionHandler(model, d, [1], strength=4.0):
+        assert not torch.allclose(logits(model, ids, mask), base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_steering_adds_the_vector_at_its_site_and_relative_strength_scales_by_the_norm(arch):
+    model = random_model(arch)
+    parts = decoder_parts(model)
+    n = parts.n_layers
+    d = torch.randn(hidden(model), dtype=torch.float64)
+    ids, mask = batch()
+    base = forward_sites(model, parts, ids, mask, [1])[1]
+    with InterventionHandler(model, d, [1], strength=2.5):
+        steered = forward_sites(model, parts, ids, mask, [1])[1]
+    torch.testing.assert_close(steered - base, (2.5 * d).float().expand_as(base), rtol=0, atol=1e-5)
+    norms = mean_residual_norms(model, [(ids, mask)], [1, n])
+    want = torch.linalg.vector_norm(base.double(), dim=-1).mean().item()
+    assert norms[1] == pytest.approx(want, rel=1e-6)
+    with InterventionHandler(model, d, [1], strength=0.5, norms=norms):
+        rel = forward_sites(model, parts, ids, mask, [1])[1]
+    added = (rel - base).double()
+    assert torch.linalg.vector_norm(added, dim=-1).mean().item() == pytest.approx(
+        0.5 * norms[1], rel=1e-4
+    )
+    cos = torch.nn.functional.cosine_similarity(added[0, 0], d, dim=0)
+    assert cos.item() == pytest.approx(1.0, abs=1e-5)
+    # the last site (the last layer's output before the final norm) is steered too
+    final = forward_sites(model, parts, ids, mask, [n])[n]
+    with InterventionHandler(model, d, [n], strength=1.0):
+        torch.testing.assert_close(
+            forward_sites(model, parts, ids, mask, [n])[n] - final,
+            d.float().expand_as(final), rtol=0, atol=1e-5,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_steering_hook_fires_once_per_decode_step(arch):
+    model = random_model(arch)
+    d = torch.randn(hidden(model))
+    ids, _ = batch(n=2)
+    seen = []
+    parts = decoder_parts(model)
+    probe = parts.layers[2].register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    try:
+        with InterventionHandler(model, d, [2], strength=1.0) as h:
+            greedy(model, ids, n=6)
+        with InterventionHandler(model, d, [2], strength=1.0, positions="generated") as g:
+            greedy(model, ids, n=6)
+    finally:
+        probe.remove()
+    # 6 new tokens: one prompt pass, then 5 decode steps of one token each (KV cache)
+    assert seen[:6] == [ids.shape[1], 1, 1, 1, 1, 1]
+    assert h.calls == {2: 6}
+    assert g.calls == {2: 5}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ablation_leaves_every_hooked_residual_orthogonal(arch):
+    model = random_model(arch)
+    parts = decoder_parts(model)
+    d = torch.randn(hidden(model), dtype=torch.float64)
+    u = (d / d.norm()).float()
+    ids, mask = batch()
+    seen = []
+
+    def record(x):
+        x = x[0] if isinstance(x, tuple | list) else x
+        seen.append(x.detach().clone())
+
+    with DirectionAblator(model, d):
+        # registered after the ablator's hooks: they see what the model sees next
+        extra = []
+        for block in parts.layers:
+            extra.append(block.register_forward_pre_hook(
+                lambda m, a, k: record(a[0] if a else k["hidden_states"]), with_kwargs=True))  # fmt: skip
+            for w in residual_writers(block):
+                extra.append(w.register_forward_hook(lambda m, a, o: record(o)))
+        extra.append(parts.layers[-1].register_forward_hook(lambda m, a, o: record(o)))
+        try:
+            logits(model, ids, mask)
+        finally:
+            for e in extra:
+                e.remove()
+    assert (
+        len(seen) == parts.n_layers * 3 + 1
+    )  # each input, attention and MLP output; the last output
+    for x in seen:
+        dots = (x.double() @ u.double()).abs()
+        assert (dots <= 1e-5 * torch.linalg.vector_norm(x.double(), dim=-1).clamp_min(1e-6)).all()
+
+
+def test_hooks_are_removed_after_an_exception_inside_the_context():
+    model = random_model("qwen2")
+    before = hook_counts(model)
+    d = torch.randn(hidden(model))
+    ids, mask = batch()
+    src = record_residuals(model, ids, mask, [0, 1])
+    means = mean_contributions(model, [(ids, mask)], [1])
+    for make in (
+        lambda: InterventionHandler(model, d, [0, 2], 1.0),
+        lambda: DirectionAblator(model, d),
+        lambda: LayerAblator(model, [1], "mean", means),
+        lambda: PathPatcher(model, src, [0, 1]),
+    ):
+        with pytest.raises(RuntimeError, match="boom"), make():
+            assert hook_counts(model) != before
+            raise RuntimeError("boom")
+        assert hook_counts(model) == before
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patching_every_site_and_position_reproduces_the_source(arch):
+    model = random_model(arch)
+    n = decoder_parts(model).n_layers
+    src_ids, mask = batch(seed=1)
+    tgt_ids, _ = batch(seed=2)
+    src = record_residuals(model, src_ids, mask, list(range(n + 1)))
+    want = logits(model, src_ids, mask)
+    with PathPatcher(model, src, list(range(n + 1)), "all") as p:
+        got = logits(model, tgt_ids, mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert p.calls == dict.fromkeys(range(n + 1), 1)
+    # patching only some positions of one site changes the target only from there on
+    base = logits(model, tgt_ids, mask)
+    with PathPatcher(model, src, [1], positions=[4]):
+        part = logits(model, tgt_ids, mask)
+    torch.testing.assert_close(part[:, :4], base[:, :4], rtol=0, atol=0)
+    assert not torch.allclose(part[:, 4], base[:, 4])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_ablation_equals_the_model_without_the_layer(arch):
+    model = random_model(arch)
+    ids, mask = batch()
+    without = copy.deepcopy(model)
+    parts = decoder_parts(without)
+    del parts.layers[1]
+    for i, block in enumerate(parts.layers):  # keep each remaining layer's own index
+        for mod in block.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = i
+    with LayerAblator(model, [1], "zero"):
+        got = logits(model, ids, mask)
+    torch.testing.assert_close(got, logits(without, ids, mask), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mean_ablation_replaces_the_contribution_by_its_mean_exactly(arch):
+    model = random_model(arch)
+    parts = decoder_parts(model)
+    ids, mask = batch(n=4)
+    means = mean_contributions(model, [(ids[:2], mask[:2]), (ids[2:], mask[2:])], [1])
+    # the mean, computed independently from the recorded residuals around layer 1
+    sites = forward_sites(model, parts, ids, mask, [1, 2])
+    independent = (sites[2] - sites[1]).double().reshape(-1, hidden(model)).mean(0)
+    torch.testing.assert_close(means[1], independent, rtol=1e-6, atol=1e-7)
+    with LayerAblator(model, [1], "mean", means):
+        after = forward_sites(model, parts, ids, mask, [1, 2])
+    contribution = after[2] - after[1]
+    torch.testing.assert_close(
+        contribution, means[1].float().expand_as(contribution), rtol=0, atol=1e-6
+    )
+
+
+def test_bad_interventions_are_one_clear_error():
+    model = random_model("qwen2")
+    with pytest.raises(InterventionError, match=r"shape \(16,\) does not fit .*hidden size 32"):
+        InterventionHandler(model, torch.randn(16), [1], 1.0)
+    with pytest.raises(InterventionError, match="hidden size 32"):
+        DirectionAblator(model, torch.randn(64))
+    with pytest.raises(ActivationError, match="intervention layers: layer 7 is out of range"):
+        InterventionHandler(model, torch.randn(32), [7], 1.0)
+    with pytest.raises(InterventionError, match="layer 3 is the last layer's output"):
+        LayerAblator(model, [3], "zero")
+    with pytest.raises(InterventionError, match="no mean contribution for layer"):
+        LayerAblator(model, [1], "mean")
+    with pytest.raises(InterventionError, match="'half'"):
+        LayerAblator(model, [1], "half")
+    with pytest.raises(InterventionError, match="no reference norm"):
+        InterventionHandler(model, torch.randn(32), [1], 1.0, norms={0: 1.0})
+    ids, mask = batch()
+    src = record_residuals(model, ids, mask, [1])
+    with pytest.raises(InterventionError, match="source has no residual at site"):
+        PathPatcher(model, src, [2])
+    with PathPatcher(model, src, [1]), pytest.raises(InterventionError, match="same shape"):
+        logits(model, ids[:, :5], mask[:, :5])
