@@ -44,6 +44,11 @@ def test_cka_equals_independent_computations_on_the_reference_example():
     assert linear_cka(x, y) == pytest.approx(gram_cka(x, y), abs=1e-12)
     assert debiased_cka(x, y) == pytest.approx(feature_debiased(x, y), abs=1e-12)
     assert 0 < debiased_cka(x, y) < linear_cka(x, y) < 1  # debiasing removes the positive bias
+    # the values the reference implementation printed on this example (google-research
+    # representation_similarity/Demo.ipynb, outputs of cells 45qb6zdSsHj6 and jInZLKpx3fV8):
+    # "Linear CKA from Examples: 0.55761", "... (Debiased): 0.51346"
+    assert round(linear_cka(x, y), 5) == 0.55761
+    assert round(debiased_cka(x, y), 5) == 0.51346
 
 
 def test_cka_properties():

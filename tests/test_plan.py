@@ -219,7 +219,7 @@ def test_compute_records_cover_every_model_loading_job():
     records = p.compute_records()
     n = (len(p.gen_jobs) + len(p.score_jobs) + len(p.capture_jobs) + len(p.direction_jobs)
          + len(p.lens_jobs))  # fmt: skip
-    assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 6
+    assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 3 * 3  # 3 sets
     assert len(p.direction_jobs) == len(p.lens_jobs) == len(p.probe_jobs) == 3
     assert p.cka_jobs == [
         ("tiny", "step-200", "tiny", "step-500"),

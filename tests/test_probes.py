@@ -28,6 +28,22 @@ def test_a_planted_direction_is_found_and_the_shuffled_control_sits_at_chance():
     assert rows[1]["shuffled_accuracy"] < 0.6
     assert abs(np.mean([r["shuffled_accuracy"] for r in rows]) - 1 / 3) < 0.12
     assert rows[0]["n_train"] + rows[0]["n_test"] == 300 and rows[0]["classes"] == 3
+    # the permutation p-value: no shuffle reaches the planted layer; the noise layers' do
+    assert rows[1]["p_value"] == pytest.approx(1 / 21)
+    assert rows[0]["p_value"] > 0.05 and rows[2]["p_value"] > 0.05
+
+
+def test_the_control_sits_at_chance_on_clustered_activations():
+    """Activations in three tight clusters, one per label: the probe is perfect, and the shuffled
+    control's range still holds chance (each shuffle maps whole clusters to one label)."""
+    rng = np.random.default_rng(1)
+    y = np.repeat([0, 1, 2], 50)
+    centres = rng.normal(size=(3, 16)) * 10
+    x = (centres[y] + rng.normal(size=(150, 16)) * 0.1)[:, None, :]
+    (row,) = probe_layers(x, y, ProbeOptions(seed=0))
+    assert row["accuracy"] == 1.0
+    assert row["shuffled_ci_low"] <= 1 / 3 <= row["shuffled_ci_high"]
+    assert row["shuffled_ci_high"] - row["shuffled_ci_low"] > 0.3  # wide: shuffles move whole clusters
 
 
 def test_string_labels_and_bad_labels():

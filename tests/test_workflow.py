@@ -112,7 +112,7 @@ def test_quick_preset_reruns_from_the_datasets_down(demo):
     jobs = planned(demo, "--configfile", "config.yaml", str(ROOT / "resources/presets/quick.yaml"))
     # every dataset changes (10 rows), so selection, training, the run checkpoints' handles, every
     # score and generation follow; the demo's data, tokenizer, initial model and environments do not
-    assert jobs == Counter({"prepare_dataset": 4, "select_training_data": 4, "finetune": 4, "resolve_model": N_CKPTS - 1, "score": N_SCORE,
+    assert jobs == Counter({"prepare_dataset": len(DEMO["datasets"]), "select_training_data": 4, "finetune": 4, "resolve_model": N_CKPTS - 1, "score": N_SCORE,
                             "generate": len(TINY), "grade": len(TINY), "aggregate_generations": 1, "aggregate_scores": 1,
                             "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "all": 1, **ANALYSES})  # fmt: skip
 
@@ -299,7 +299,7 @@ def test_job_stats_parser_sees_every_job(demo):
                          *ANALYSES}  # fmt: skip
     assert (
         jobs["describe_env"] == 3
-        and jobs["prepare_dataset"] == 4
+        and jobs["prepare_dataset"] == len(DEMO["datasets"])
         and jobs["score"] == N_SCORE  # every checkpoint x 2 datasets + tiny's own generations
         and jobs["finetune"] == 4
     )

@@ -241,15 +241,17 @@ def section(tables: dict, context: dict) -> list:
         )
         blocks += [
             Html("<p>Held-out accuracy of a logistic-regression probe per layer (left) and of the "
-                 "same probe trained on shuffled labels (right: it must sit at chance, the dashed "
-                 "level in the table). A probe above its control reads the label off that layer.</p>"),
+                 "same probe trained on shuffled labels (right: it must sit at chance; the table "
+                 "gives the shuffles' 95 % range and the probe's permutation p-value). A probe above "
+                 "its control reads the label off that layer.</p>"),
             charts.selector_bar(sel),
             charts.curve_chart(long, "layer", "accuracy", sel, title="Probe accuracy by layer",
                                x_title="layer", y_title="held-out accuracy", facet="measure",
                                columns=2, tooltip=("chance", "n_examples", "ci_low", "ci_high")),
             charts.table(probes.select("model", "ckpt", "probe", "layer", "site", "accuracy", "ci_low",
-                                       "ci_high", "shuffled_accuracy", "chance", "n_examples",
-                                       "smallest_class").sort("model", "ckpt", "probe", "layer"), sel),
+                                       "ci_high", "shuffled_accuracy", "shuffled_ci_low", "shuffled_ci_high",
+                                       *(["p_value"] if "p_value" in probes.columns else []), "chance",
+                                       "n_examples", "smallest_class").sort("model", "ckpt", "probe", "layer"), sel),
         ]  # fmt: skip
     else:
         blocks.append(charts.nothing("no probe could be trained"))
