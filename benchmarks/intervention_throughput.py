@@ -11,7 +11,7 @@ steering at one layer (`reasonlab.intervene.InterventionHandler`: a vector added
 input in the prompt pass and at every decode step); directional ablation at every layer
 (`DirectionAblator`: the direction projected out of every layer's input, attention and MLP output
 and the last layer's output); and, when the peers environment exists, the same steering through
-nnsight's `generate` with `tracer.all()`. Timed after load and warm-up, median of `--runs` alternating
+nnsight's `generate` with `tracer.iter[:new_tokens]`. Timed after load and warm-up, median of `--runs` alternating
 runs. The last line is one JSON object with `steer_ratio` and `ablate_ratio` (hooked tokens/s ÷
 plain tokens/s, on the large model).
 """
@@ -64,15 +64,16 @@ def worker(kind, model_dir, prompts_file, threads, batch, new_tokens) -> None:
 
     if kind == "nnsight":
         from nnsight import LanguageModel
+        from transformers import AutoTokenizer
 
-        lm = LanguageModel(model)
+        lm = LanguageModel(model, tokenizer=AutoTokenizer.from_pretrained(model_dir))
         vec = direction
 
         def one(b):
             ids, mask = left_padded(b)
             with lm.generate({"input_ids": ids, "attention_mask": mask}, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0) as tracer:  # fmt: skip
-                for _ in tracer.all():  # every step: the prompt pass and each decode step
+                for _ in tracer.iter[:new_tokens]:  # every step: the prompt pass, each decode step
                     site = lm.model.layers[layer]
                     site.input = site.input + vec
                 out = tracer.result.save()
