@@ -25,11 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import Worker, rss_mb  # benchmarks/workers.py, beside this script
+from workers import (  # benchmarks/workers.py
+    VOCAB,
+    Worker,
+    demo_and_large_models,
+    demo_prompts,
+    rss_mb,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PY = ROOT / ".venvs" / "peers" / "bin" / "python"
-VOCAB = 151936
 
 
 def worker(kind: str, model_dir: str, prompts_file: str, threads: int, batch: int) -> None:
@@ -118,30 +123,6 @@ def worker(kind: str, model_dir: str, prompts_file: str, threads: int, batch: in
         print(json.dumps(out), flush=True)
 
 
-def prompts_of(model_dir: str, n: int) -> list[list[int]]:
-    """n distinct chat-formatted demo problems as token ids."""
-    from transformers import AutoTokenizer
-
-    from reasonlab import synth
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    data = synth.build_demo_data(
-        0, synth.DemoSizes(pool_per_type=n // 4 + 50, eval=n, control=10, pretrain=10)
-    )
-    seen, out = set(), []
-    for r in data["eval"] + data["pool"]:
-        q = r.get("problem") or r.get("input")
-        if q in seen:
-            continue
-        seen.add(q)
-        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                       add_generation_prompt=True)  # fmt: skip
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
-        if len(out) == n:
-            return out
-    raise SystemExit(f"only {len(out)} distinct demo problems; ask for fewer prompts")
-
-
 def compare(model_dir, label, counts, runs, threads, batch, peers_at_all) -> dict:
     import numpy as np
 
@@ -149,7 +130,7 @@ def compare(model_dir, label, counts, runs, threads, batch, peers_at_all) -> dic
     out = {"model": label, "batch_size": batch, "threads": threads, "runs": runs, "by_prompts": {}}
     for n in counts:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(prompts_of(model_dir, n), f)
+            json.dump(demo_prompts(model_dir, n), f)
         kinds = ["reasonlab"]
         if peers_at_all or n == min(counts):
             kinds += ["hidden_states"] + (["nnsight"] if PEERS_PY.exists() else [])
@@ -200,21 +181,10 @@ def main():
     if a.worker:
         return worker(a.worker, a.model, a.prompts_file, a.threads, a.batch)
     sys.path.insert(0, str(ROOT / "src"))
-    from reasonlab import demo, synth
-
-    tmp = Path(tempfile.mkdtemp())
-    data = synth.build_demo_data(
-        0, synth.DemoSizes(pool_per_type=20, eval=20, control=10, pretrain=300)
-    )
-    demo.build_tokenizer(synth.corpus_texts(data), tmp / "tok", vocab_size=1024)
-    # the same shapes as benchmarks/score_vs_lmeval.py
-    large = demo.TinyModelSpec(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                               num_key_value_heads=4, intermediate_size=1024)  # fmt: skip
-    demo.build_tiny_model(tmp / "tok", tmp / "demo", demo.TinyModelSpec(), seed=0)
-    demo.build_tiny_model(tmp / "tok", tmp / "large", large, seed=0, vocab_size=VOCAB)
+    models = demo_and_large_models(Path(tempfile.mkdtemp()))
     results = {
-        label: compare(tmp / label, label, a.prompts, a.runs, a.threads, a.batch, a.peers_at_all)
-        for label in ("demo", "large")
+        label: compare(path, label, a.prompts, a.runs, a.threads, a.batch, a.peers_at_all)
+        for label, path in models.items()
     }
     large, lo = results["large"], str(min(a.prompts))
     row = large["by_prompts"][min(a.prompts)]

@@ -24,11 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import Worker, rss_mb  # benchmarks/workers.py, beside this script
+from workers import (  # benchmarks/workers.py
+    VOCAB,
+    Worker,
+    demo_and_large_models,
+    demo_prompts,
+    rss_mb,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PY = ROOT / ".venvs" / "peers" / "bin" / "python"
-VOCAB = 151936
 KINDS = ("plain", "steer", "ablate")
 
 
@@ -108,28 +113,10 @@ def worker(kind, model_dir, prompts_file, threads, batch, new_tokens) -> None:
         print(json.dumps(out), flush=True)
 
 
-def prompts_of(model_dir: str, n: int) -> list[list[int]]:
-    """n distinct chat-formatted demo problems as token ids."""
-    from transformers import AutoTokenizer
-
-    from reasonlab import synth
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    data = synth.build_demo_data(
-        0, synth.DemoSizes(pool_per_type=10, eval=n, control=10, pretrain=10)
-    )
-    out = []
-    for r in data["eval"][:n]:
-        text = tok.apply_chat_template([{"role": "user", "content": r["problem"]}], tokenize=False,
-                                       add_generation_prompt=True)  # fmt: skip
-        out.append(tok(text, add_special_tokens=False)["input_ids"])
-    return out
-
-
 def compare(model_dir, label, n, runs, threads, batch, new_tokens, peers) -> dict:
     med = statistics.median
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(prompts_of(model_dir, n), f)
+        json.dump(demo_prompts(model_dir, n), f)
     kinds = list(KINDS) + (["nnsight"] if peers and PEERS_PY.exists() else [])
     ws = {k: Worker([PEERS_PY if k == "nnsight" else sys.executable, __file__, "--worker", k,
                      "--model", model_dir, "--prompts-file", f.name, "--threads", threads,
@@ -171,23 +158,12 @@ def main():
     if a.worker:
         return worker(a.worker, a.model, a.prompts_file, a.threads, a.batch, a.new_tokens)
     sys.path.insert(0, str(ROOT / "src"))
-    from reasonlab import demo, synth
-
-    tmp = Path(tempfile.mkdtemp())
-    data = synth.build_demo_data(
-        0, synth.DemoSizes(pool_per_type=20, eval=20, control=10, pretrain=300)
-    )
-    demo.build_tokenizer(synth.corpus_texts(data), tmp / "tok", vocab_size=1024)
-    # the same shapes as benchmarks/score_vs_lmeval.py and activation_capture.py
-    large = demo.TinyModelSpec(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                               num_key_value_heads=4, intermediate_size=1024)  # fmt: skip
-    demo.build_tiny_model(tmp / "tok", tmp / "demo", demo.TinyModelSpec(), seed=0)
-    demo.build_tiny_model(tmp / "tok", tmp / "large", large, seed=0, vocab_size=VOCAB)
+    models = demo_and_large_models(Path(tempfile.mkdtemp()))
     results = {
         label: compare(
-            tmp / label, label, a.prompts, a.runs, a.threads, a.batch, a.new_tokens, not a.no_peers
-        )  # fmt: skip
-        for label in ("demo", "large")
+            path, label, a.prompts, a.runs, a.threads, a.batch, a.new_tokens, not a.no_peers
+        )
+        for label, path in models.items()
     }
     big = results["large"]
     summary = {

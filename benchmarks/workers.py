@@ -3,7 +3,10 @@
 import json
 import resource
 import subprocess
+import sys
 from pathlib import Path
+
+VOCAB = 151936  # a real vocabulary (Qwen2's): the demo's 1 k hides the output head's cost
 
 
 def rss_mb() -> float:
@@ -46,3 +49,46 @@ class Worker:
         self.p.stdin.close()
         self.p.wait()
         return rss
+
+
+def demo_and_large_models(tmp: Path) -> dict[str, Path]:
+    """The model pair of the activation and intervention benchmarks, with the demo tokenizer: the
+    demo model, and a randomly initialised Qwen2 of a realistic shape (8 layers, hidden 512, the
+    151 936-token vocabulary; the shapes of benchmarks/score_vs_lmeval.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from reasonlab import demo, synth
+
+    data = synth.build_demo_data(
+        0, synth.DemoSizes(pool_per_type=20, eval=20, control=10, pretrain=300)
+    )
+    demo.build_tokenizer(synth.corpus_texts(data), tmp / "tok", vocab_size=1024)
+    large = demo.TinyModelSpec(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                               num_key_value_heads=4, intermediate_size=1024)  # fmt: skip
+    demo.build_tiny_model(tmp / "tok", tmp / "demo", demo.TinyModelSpec(), seed=0)
+    demo.build_tiny_model(tmp / "tok", tmp / "large", large, seed=0, vocab_size=VOCAB)
+    return {"demo": tmp / "demo", "large": tmp / "large"}
+
+
+def demo_prompts(model_dir: str, n: int) -> list[list[int]]:
+    """n distinct chat-formatted demo problems as token ids."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from transformers import AutoTokenizer
+
+    from reasonlab import synth
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    data = synth.build_demo_data(
+        0, synth.DemoSizes(pool_per_type=n // 4 + 50, eval=n, control=10, pretrain=10)
+    )
+    seen, out = set(), []
+    for r in data["eval"] + data["pool"]:
+        q = r.get("problem") or r.get("input")
+        if q in seen:
+            continue
+        seen.add(q)
+        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True)  # fmt: skip
+        out.append(tok(text, add_special_tokens=False)["input_ids"])
+        if len(out) == n:
+            return out
+    raise SystemExit(f"only {len(out)} distinct demo problems; ask for fewer prompts")
