@@ -219,6 +219,9 @@ def serve(directory: str | os.PathLike, idle_s: float = 3600.0, ready=None) -> N
     base_env, fingerprint = _comparable(os.environ), source_fingerprint()
     for v in THREAD_VARS:  # libraries read these once, at load: one thread until a job sets its own
         os.environ[v] = "1"
+    # a CUDA check that does not initialise CUDA: a child of a process with CUDA initialised
+    # cannot use the GPU, so the server must never touch it (checked below)
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     before = dict(os.environ)
     for mod in PRELOAD:
         try:
@@ -227,9 +230,12 @@ def serve(directory: str | os.PathLike, idle_s: float = 3600.0, ready=None) -> N
             print(f"[jobserver] preload {mod}: {type(e).__name__}: {e}", file=sys.stderr)
     # variables the imports set for themselves (a fresh process would set them too)
     added = {k: v for k, v in os.environ.items() if before.get(k) != v and k not in PER_JOB}
-    if native_threads() != 1:
-        print(f"[jobserver] {native_threads()} threads after preloading: forking is unsafe; "
-              "not serving (every job imports its own libraries)", file=sys.stderr)  # fmt: skip
+    torch = sys.modules.get("torch")
+    cuda = bool(torch is not None and torch.cuda.is_initialized())
+    if native_threads() != 1 or cuda:
+        why = "CUDA is initialised" if cuda else f"{native_threads()} threads after preloading"
+        print(f"[jobserver] {why}: forking is unsafe; not serving (every job imports its own "
+              "libraries)", file=sys.stderr)  # fmt: skip
         if ready:
             ready()
         return
