@@ -247,3 +247,43 @@ def test_bad_interventions_are_one_clear_error():
         PathPatcher(model, src, [2])
     with PathPatcher(model, src, [1]), pytest.raises(InterventionError, match="same shape"):
         logits(model, ids[:, :5], mask[:, :5])
+
+
+def test_a_sweep_records_each_setting_with_entropy_and_first_token_kl(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reasonlab.generate import GenOptions, render_prompts
+    from reasonlab.intervene import Setting, sweep, sweep_settings
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rows = [{"id": str(i), "question": q, "system": None}
+            for i, q in enumerate(["What is 2 + 3?", "Name a colour.", "Count to three."])]  # fmt: skip
+    opts = GenOptions(template="chat", max_new_tokens=6, batch_size=2, logprobs=2)
+    prompts = render_prompts(rows, tok, opts)
+    d = torch.randn(hidden(model), generator=torch.Generator().manual_seed(0))
+    settings = sweep_settings("steer", layers=[1], strengths=[0.0, 30.0]) + [
+        Setting("steer nan", "steer", float("nan"), (1,))
+    ]
+    records, status = sweep(model, tok, prompts, settings, opts, direction=d, progress=False)
+    assert [s["setting"] for s in status] == ["baseline", "steer +0", "steer +30", "steer nan"]
+    assert [s["status"] for s in status][:3] == ["ok"] * 3
+    assert status[3]["status"].startswith("failed: non-finite logits at generated token 1")
+    by = {}
+    for r in records:
+        by.setdefault(r["setting"], []).append(r)
+    assert set(by) == {"baseline", "steer +0", "steer +30"}  # the failed setting has no rows
+    for a, b in zip(by["baseline"], by["steer +0"], strict=True):
+        assert a["token_ids"] == b["token_ids"] and a["entropy_mean"] == b["entropy_mean"]
+        assert b["first_token_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert max(r["first_token_kl"] for r in by["steer +30"]) > 1e-3
+    # entropy of the generated tokens: recomputed by teacher forcing the baseline's own tokens
+    for r in by["baseline"]:
+        ids = torch.tensor([r["prompt_ids"] + r["token_ids"]])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+        n_p, n = len(r["prompt_ids"]), len(r["token_ids"])
+        ent = -(lp.exp() * lp).sum(-1)[n_p - 1 : n_p - 1 + n]
+        assert r["entropy_mean"] == pytest.approx(ent.mean().item(), rel=1e-4, abs=1e-5)
+    with pytest.raises(InterventionError, match="unknown intervention kind 'boost'"):
+        sweep_settings("boost")

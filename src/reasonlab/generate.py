@@ -216,60 +216,76 @@ class TransformersBackend:
         self.model = None
 
     def generate(self, prompts: list[str]) -> list[list[dict]]:
-        import torch
+        return hf_generate(self.model, self.tokenizer, self.device, prompts, self.opts)
 
-        o, tok = self.opts, self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        results = []
-        for s in range(0, len(prompts), o.batch_size):
-            batch = prompts[s : s + o.batch_size]
-            enc = [tok(p, add_special_tokens=False)["input_ids"] for p in batch]
-            width = max(map(len, enc))
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, e in enumerate(enc):  # left padding
-                ids[i, width - len(e) :] = torch.tensor(e)
-                mask[i, width - len(e) :] = 1
-            torch.manual_seed(o.seed + s)
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=o.max_new_tokens,
-                    do_sample=o.temperature > 0, temperature=o.temperature if o.temperature > 0 else None,
-                    top_p=o.top_p if o.temperature > 0 else None, top_k=(o.top_k or None) if o.temperature > 0 else None,
-                    num_return_sequences=o.n, output_logits=True, return_dict_in_generate=True,
-                    pad_token_id=pad, eos_token_id=tok.eos_token_id, stop_strings=o.stop or None, tokenizer=tok,
-                )  # fmt: skip
-            new = out.sequences[:, width:].cpu()
-            token_lp, top_lp, top_ids = step_logprobs(out.logits, new, o.logprobs)
-            for i in range(len(batch)):
-                samples = []
-                for j in range(o.n):
-                    r = i * o.n + j
-                    toks = new[r].tolist()
-                    n_tok = next(
-                        (k + 1 for k, t in enumerate(toks) if t == tok.eos_token_id), len(toks)
-                    )
-                    toks = toks[:n_tok]
-                    finished = n_tok < o.max_new_tokens or (toks and toks[-1] == tok.eos_token_id)
-                    text = tok.decode(toks, skip_special_tokens=True)
-                    stop_hit = next((st for st in o.stop if st in text), None)
-                    if stop_hit:
-                        text = text[: text.index(stop_hit)]
-                    samples.append(
-                        {
-                            "completion": text,
-                            "n_prompt_tokens": len(enc[i]),
-                            "prompt_ids": list(enc[i]),
-                            "finish_reason": "stop" if finished or stop_hit else "length",
-                            "token_ids": toks,
-                            "token_logprobs": token_lp[r, : len(toks)].tolist(),
-                            "top_ids": top_ids[r, : len(toks)].tolist(),
-                            "top_logprobs": top_lp[r, : len(toks)].tolist(),
-                        }
-                    )
-                results.append(samples)
-        return results
+
+def hf_generate(
+    model, tok, device, prompts: list[str], opts: GenOptions, extra=None
+) -> list[list[dict]]:
+    """Batched `model.generate` (left padding, the generation options `opts`) of every prompt:
+    per prompt, its samples as records of the generation schema. `extra(step_logits, new_tokens,
+    lengths)`, when given, is called per batch with the per-step logits, the generated tokens
+    [rows, steps] and each row's kept length, and returns one dict per row merged into its record
+    (what the intervention sweep adds: entropy, first-token distribution)."""
+    import torch
+
+    o = opts
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    results = []
+    for s in range(0, len(prompts), o.batch_size):
+        batch = prompts[s : s + o.batch_size]
+        enc = [tok(p, add_special_tokens=False)["input_ids"] for p in batch]
+        width = max(map(len, enc))
+        ids = torch.full((len(enc), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(enc):  # left padding
+            ids[i, width - len(e) :] = torch.tensor(e)
+            mask[i, width - len(e) :] = 1
+        torch.manual_seed(o.seed + s)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=o.max_new_tokens,
+                do_sample=o.temperature > 0, temperature=o.temperature if o.temperature > 0 else None,
+                top_p=o.top_p if o.temperature > 0 else None, top_k=(o.top_k or None) if o.temperature > 0 else None,
+                num_return_sequences=o.n, output_logits=True, return_dict_in_generate=True,
+                pad_token_id=pad, eos_token_id=tok.eos_token_id, stop_strings=o.stop or None, tokenizer=tok,
+            )  # fmt: skip
+        new = out.sequences[:, width:].cpu()
+        token_lp, top_lp, top_ids = step_logprobs(out.logits, new, o.logprobs)
+        lengths = []
+        for r in range(new.shape[0]):
+            toks = new[r].tolist()
+            lengths.append(
+                next((k + 1 for k, t in enumerate(toks) if t == tok.eos_token_id), len(toks))
+            )
+        added = extra(out.logits, new, lengths) if extra else [{} for _ in lengths]
+        for i in range(len(batch)):
+            samples = []
+            for j in range(o.n):
+                r = i * o.n + j
+                n_tok = lengths[r]
+                toks = new[r].tolist()[:n_tok]
+                finished = n_tok < o.max_new_tokens or (toks and toks[-1] == tok.eos_token_id)
+                text = tok.decode(toks, skip_special_tokens=True)
+                stop_hit = next((st for st in o.stop if st in text), None)
+                if stop_hit:
+                    text = text[: text.index(stop_hit)]
+                samples.append(
+                    {
+                        "completion": text,
+                        "n_prompt_tokens": len(enc[i]),
+                        "prompt_ids": list(enc[i]),
+                        "finish_reason": "stop" if finished or stop_hit else "length",
+                        "token_ids": toks,
+                        "token_logprobs": token_lp[r, : len(toks)].tolist(),
+                        "top_ids": top_ids[r, : len(toks)].tolist(),
+                        "top_logprobs": top_lp[r, : len(toks)].tolist(),
+                    }
+                    | added[r]
+                )
+            results.append(samples)
+    return results
 
 
 def step_logprobs(step_logits, tokens, k: int):

@@ -27,6 +27,8 @@ Sites are numbered as in `reasonlab.activations`: layer l < L is the input of de
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from reasonlab import ReasonlabError
 from reasonlab.activations import check_layers, decoder_parts, hidden_of, residual_writers
 
@@ -387,8 +389,124 @@ def mean_contributions(model, batches, layers) -> dict:
     return {layer: (sums[layer] / count) for layer in layers}
 
 
+# ------------------------------------------------------------------------------ sweeps
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One intervention setting of a sweep (the baseline has kind "baseline")."""
+
+    name: str
+    kind: str  # baseline | steer | ablate_direction | ablate_layer
+    strength: float | None = None
+    layers: tuple[int, ...] = ()
+    method: str | None = None  # ablate_layer: zero | mean
+
+
+def sweep_settings(kind: str, layers=(), strengths=(), methods=()) -> list[Setting]:
+    """The baseline, then one setting per strength (steer), the ablation (ablate_direction) or one
+    per method (ablate_layer)."""
+    out = [Setting("baseline", "baseline")]
+    layers = tuple(layers)
+    if kind == "steer":
+        out += [Setting(f"steer {s:+g}", kind, float(s), layers) for s in strengths]
+    elif kind == "ablate_direction":
+        out.append(Setting("ablate direction", kind))
+    elif kind == "ablate_layer":
+        out += [
+            Setting(f"{m} layers {','.join(map(str, layers))}", kind, None, layers, m)
+            for m in methods
+        ]
+    else:
+        raise InterventionError(
+            f"unknown intervention kind {kind!r}; expected steer, ablate_direction or ablate_layer"
+        )
+    return out
+
+
+def setting_context(model, s: Setting, direction=None, norms=None, means=None):
+    """The context manager that applies setting `s` (nothing for the baseline)."""
+    import contextlib
+
+    if s.kind == "steer":
+        return InterventionHandler(model, direction, list(s.layers), s.strength, norms=norms)
+    if s.kind == "ablate_direction":
+        return DirectionAblator(model, direction)
+    if s.kind == "ablate_layer":
+        return LayerAblator(model, list(s.layers), s.method, means)
+    return contextlib.nullcontext()
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def sweep(model, tokenizer, prompts: list[str], settings: list[Setting], opts, direction=None,
+          norms=None, means=None, progress: bool = True) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Generate every prompt under every setting (batched transformers generation, `opts` a
+    `GenOptions`). Returns (records: the generation schema plus `setting`, `kind`, `strength`,
+    `layers`, `method`, `entropy_mean` — the mean entropy of the generated tokens under the
+    distribution that produced them, as the scorer computes it — and `first_token_kl`, KL(baseline
+    ‖ setting) of the first generated token's distribution; status rows: one per setting, "ok" or
+    why it failed). A setting whose logits are not finite (a strength too large) is a failed
+    status row and no records, never a crashed job."""
+    import torch
+
+    from reasonlab.directions import kl_rows
+    from reasonlab.generate import hf_generate
+    from reasonlab.models import input_device
+    from reasonlab.score import token_stats
+
+    device = input_device(model)
+    first: dict[str, list] = {}
+    records, status = [], []
+    it = settings
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(settings, desc="intervention settings", unit="setting")
+    for s in it:
+        firsts: list = []
+
+        def extra(step_logits, new, lengths, firsts=firsts):
+            for k, logits in enumerate(step_logits):
+                if not torch.isfinite(logits).all():
+                    raise _NonFinite(f"non-finite logits at generated token {k + 1}")
+            ent = torch.zeros(new.shape[0], dtype=torch.float64)
+            for k, logits in enumerate(step_logits):
+                e = token_stats(logits, new[:, k].to(logits.device))["entropy"].double().cpu()
+                ent += torch.where(torch.tensor(lengths) > k, e, torch.zeros_like(e))
+            firsts.append(
+                torch.log_softmax(step_logits[0].float(), -1).cpu() if step_logits else None
+            )
+            return [{"entropy_mean": float(ent[r] / max(n, 1))} for r, n in enumerate(lengths)]
+
+        try:
+            with setting_context(model, s, direction, norms, means):
+                out = hf_generate(model, tokenizer, device, prompts, opts, extra=extra)
+        except (_NonFinite, RuntimeError, ValueError) as e:
+            status.append({"setting": s.name, "status": f"failed: {str(e).splitlines()[0][:200]}"})
+            continue
+        first[s.name] = torch.cat(firsts) if firsts and firsts[0] is not None else None
+        status.append({"setting": s.name, "status": "ok"})
+        base = first.get("baseline")
+        kl = (
+            kl_rows(base, first[s.name]) if base is not None and first[s.name] is not None
+            else [None] * len(prompts) * opts.n
+        )  # fmt: skip
+        for i, samples in enumerate(out):
+            for j, smp in enumerate(samples):
+                r = i * opts.n + j
+                records.append({**smp, "prompt_index": i, "sample": j, "setting": s.name,
+                                "kind": s.kind, "strength": s.strength,
+                                "layers": ",".join(map(str, s.layers)) or None, "method": s.method,
+                                "first_token_kl": None if kl[r] is None else float(kl[r])})  # fmt: skip
+    return records, status
+
+
 __all__ = [
     "DirectionAblator",
+    "Setting",
     "InterventionError",
     "InterventionHandler",
     "LayerAblator",
@@ -398,4 +516,7 @@ __all__ = [
     "mean_contributions",
     "mean_residual_norms",
     "record_residuals",
+    "setting_context",
+    "sweep",
+    "sweep_settings",
 ]
