@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reasonlab import ReasonlabError
+from reasonlab.intervene import kl_rows
 from reasonlab.options import speed
 
 
@@ -111,15 +112,6 @@ def log_odds(logp, ids: list[int]) -> np.ndarray:
 
     lp = torch.logsumexp(logp[:, ids], -1).double()
     return (lp - torch.log1p(-lp.exp().clamp(max=1 - 1e-12))).numpy()
-
-
-def kl_rows(base, other) -> np.ndarray:
-    """Per row KL(base || other) of two [rows, vocab] log-probability tensors."""
-    import torch
-
-    b, o = base.double(), other.double()
-    terms = torch.where(b > -math.inf, b.exp() * (b - o), torch.zeros((), dtype=b.dtype))
-    return terms.sum(-1).clamp_min(0).numpy()
 
 
 def score_candidates(model, tokenizer, candidates: list[dict], pos_prompts, neg_prompts,

@@ -27,6 +27,7 @@ Sites are numbered as in `reasonlab.activations`: layer l < L is the input of de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from reasonlab import ReasonlabError
@@ -392,6 +393,15 @@ def mean_contributions(model, batches, layers) -> dict:
 # ------------------------------------------------------------------------------ sweeps
 
 
+def kl_rows(base, other):
+    """Per row KL(base || other) of two [rows, vocab] log-probability tensors, as a numpy array."""
+    import torch
+
+    b, o = base.double(), other.double()
+    terms = torch.where(b > -math.inf, b.exp() * (b - o), torch.zeros((), dtype=b.dtype))
+    return terms.sum(-1).clamp_min(0).numpy()
+
+
 @dataclass(frozen=True)
 class Setting:
     """One intervention setting of a sweep (the baseline has kind "baseline")."""
@@ -452,7 +462,6 @@ def sweep(model, tokenizer, prompts: list[str], settings: list[Setting], opts, d
     status row and no records, never a crashed job."""
     import torch
 
-    from reasonlab.directions import kl_rows
     from reasonlab.generate import hf_generate
     from reasonlab.models import input_device
     from reasonlab.score import token_stats
@@ -512,6 +521,7 @@ __all__ = [
     "LayerAblator",
     "PathPatcher",
     "ablate_direction",
+    "kl_rows",
     "add_direction",
     "mean_contributions",
     "mean_residual_norms",
