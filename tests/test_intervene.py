@@ -287,3 +287,58 @@ def test_a_sweep_records_each_setting_with_entropy_and_first_token_kl(tiny_model
         assert r["entropy_mean"] == pytest.approx(ent.mean().item(), rel=1e-4, abs=1e-5)
     with pytest.raises(InterventionError, match="unknown intervention kind 'boost'"):
         sweep_settings("boost")
+
+
+def test_an_intervene_job_writes_graded_settings_and_their_summary(tiny_model_dir, tmp_path):
+    import json
+
+    import polars as pl
+
+    from reasonlab import data, synth
+    from reasonlab.intervene import intervene_job
+    from reasonlab.models import resolve, write_handle
+
+    h = resolve("tiny", "base", {"source": str(tiny_model_dir), "checkpoints": {"base": None},
+                                 "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
+    write_handle(h, tmp_path / "h.json")
+    rows = synth.build_demo_data(0, synth.DemoSizes(eval=6, pool_per_type=1, control=1, pretrain=1))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["eval"]))
+    prepared = data.prepare({"source": str(tmp_path / "eval.jsonl"), "format": "math"}, "e")
+    data.write_prepared(prepared, tmp_path / "e.parquet", tmp_path / "r.jsonl", tmp_path / "s.json")
+    settings = {"kind": "ablate_layer", "layers": [0], "methods": ["zero", "mean"],
+                "max_prompts": 4, "max_new_tokens": 5, "format": "math"}  # fmt: skip
+    intervene_job(tmp_path / "h.json", tmp_path / "e.parquet", "layer0", settings,
+                  tmp_path / "t.parquet", tmp_path / "st.parquet", progress=False)  # fmt: skip
+    table, st = pl.read_parquet(tmp_path / "t.parquet"), pl.read_parquet(tmp_path / "st.parquet")
+    assert st["setting"].to_list() == ["baseline", "zero layers 0", "mean layers 0"]
+    assert st["status"].to_list() == ["ok"] * 3 and st["n"].to_list() == [4] * 3
+    assert table.height == 12 and {"correct", "reference", "setting", "entropy_mean"} <= set(
+        table.columns
+    )
+    for s in st.iter_rows(named=True):  # the summary is the table's own
+        part = table.filter(pl.col("setting") == s["setting"])
+        assert s["accuracy"] == part["correct"].fill_null(False).mean()
+        assert s["mean_tokens"] == part["n_completion_tokens"].mean()
+    base = table.filter(pl.col("setting") == "baseline")
+    assert base["first_token_kl"].max() == pytest.approx(0.0, abs=1e-12)
+    # a steer spec reads the chosen direction as `directions` writes it; none chosen: a failed row
+    (tmp_path / "chosen.json").write_text(
+        json.dumps({"chosen": None, "note": "no candidate passed"})
+    )
+    steer = {"kind": "steer", "layers": "chosen", "strengths": [1.0], "max_prompts": 2,
+             "max_new_tokens": 3}  # fmt: skip
+    intervene_job(tmp_path / "h.json", tmp_path / "e.parquet", "s", steer, tmp_path / "t2.parquet",
+                  tmp_path / "st2.parquet", chosen_path=tmp_path / "chosen.json",
+                  pt_path=tmp_path / "none.pt", progress=False)  # fmt: skip
+    st2 = pl.read_parquet(tmp_path / "st2.parquet")
+    assert st2["status"].to_list()[0] == "skipped"
+    assert st2["status"].to_list()[1].startswith("failed: no direction was chosen")
+    chosen = {"chosen": {"position": "last_prompt", "layer": 1}}
+    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    torch.save({"chosen": {"position": "last_prompt", "layer": 1,
+                           "direction": torch.randn(64)}}, tmp_path / "d.pt")  # fmt: skip
+    with pytest.raises(InterventionError, match=r"interventions.specs.s: .*hidden size 128"):
+        intervene_job(tmp_path / "h.json", tmp_path / "e.parquet", "s", steer,
+                      tmp_path / "t3.parquet", tmp_path / "st3.parquet",
+                      chosen_path=tmp_path / "chosen.json", pt_path=tmp_path / "d.pt",
+                      progress=False)  # fmt: skip

@@ -530,3 +530,136 @@ __all__ = [
     "sweep",
     "sweep_settings",
 ]
+
+
+# ------------------------------------------------------------------------------ the job
+
+
+def read_chosen_direction(chosen_path, pt_path, where: str = ""):
+    """The chosen direction of a `directions` job ([hidden] float64 tensor, the raw difference of
+    means) and its chosen.json, or (None, chosen) when no candidate passed the filters."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    info = json.loads(Path(chosen_path).read_text())
+    chosen = info.get("chosen")
+    if not chosen:
+        return None, {"note": info.get("note", "no candidate passed the filters")}
+    saved = torch.load(pt_path, map_location="cpu", weights_only=False)
+    if not saved.get("chosen"):
+        raise InterventionError(f"{pt_path}: no chosen direction saved ({where})")
+    return torch.as_tensor(saved["chosen"]["direction"], dtype=torch.float64), chosen
+
+
+def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_path,
+                  status_path, chosen_path=None, pt_path=None, threads=None, compute=None,
+                  record_path=None, progress: bool = True) -> dict:  # fmt: skip
+    """One `intervene` job: a spec (kind, layers, strengths or methods) swept over a dataset's first
+    `max_prompts` prompts under one checkpoint, the baseline in the same job; writes the graded
+    generations with the setting columns (`table_path`) and one row per setting (`status_path`:
+    accuracy with its Wilson interval, completion length, finish reasons, entropy, first-token KL,
+    status)."""
+    import time
+
+    import polars as pl
+    import torch
+
+    from reasonlab import compute as cp
+    from reasonlab.data import read_dataset
+    from reasonlab.generate import GenOptions, render_prompts, to_frame
+    from reasonlab.grading import grade_table, wilson
+    from reasonlab.models import load_placed, read_handle
+
+    if threads:
+        torch.set_num_threads(threads)
+    h = read_handle(handle_path)
+    where = f"{h.model}/{h.ckpt} {spec_name}"
+    key = f"interventions.specs.{spec_name}"
+    data = read_dataset(data_path)
+    if settings.get("max_prompts"):
+        data = data.head(settings["max_prompts"])
+    machine, placement, model, tok = load_placed(h, compute, where)
+    opts = GenOptions(backend="transformers", template=settings.get("template") or "chat",
+                      system=settings.get("system"), max_new_tokens=settings["max_new_tokens"],
+                      logprobs=1, batch_size=settings.get("batch_size", 16))  # fmt: skip
+    rows = data.to_dicts()
+    prompts = render_prompts(rows, tok, opts)
+    kind = settings["kind"]
+    direction, chosen, layers = None, {}, settings.get("layers") or []
+    if kind in ("steer", "ablate_direction"):
+        direction, chosen = read_chosen_direction(chosen_path, pt_path, where)
+    if layers == "chosen":
+        layers = [chosen["layer"]] if chosen.get("layer") is not None else []
+    plan = sweep_settings(
+        kind, layers, settings.get("strengths") or [], settings.get("methods") or []
+    )
+    t0 = time.perf_counter()
+    if kind != "ablate_layer" and direction is None:
+        records = []
+        status = [{"setting": s.name, "status": "failed: no direction was chosen for this "
+                   f"checkpoint ({chosen.get('note', 'see chosen.json')})"} for s in plan]  # fmt: skip
+        status[0]["status"] = "skipped"
+    else:
+        means = None
+        if kind == "ablate_layer" and "mean" in (settings.get("methods") or []):
+            from reasonlab.activations import pad_batch, pad_id
+
+            enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            dev = next(model.parameters()).device
+            batches = [pad_batch(enc[i : i + 16], pad_id(tok), "left", dev)[:2]
+                       for i in range(0, len(enc), 16)]  # fmt: skip
+            means = mean_contributions(model, batches, layers)
+        try:
+            records, status = sweep(model, tok, prompts, plan, opts, direction=direction,
+                                    means=means, progress=progress)  # fmt: skip
+        except InterventionError as e:
+            raise InterventionError(f"{key}: {e} ({where})") from None
+    seconds = time.perf_counter() - t0
+    extra_cols = [
+        "setting",
+        "kind",
+        "strength",
+        "layers",
+        "method",
+        "entropy_mean",
+        "first_token_kl",
+    ]
+    base = [{"id": rows[r["prompt_index"]]["id"], "prompt": prompts[r["prompt_index"]],
+             "n_completion_tokens": len(r["token_ids"]), "backend": "transformers",
+             "dtype": placement.dtype, **{k: v for k, v in r.items() if k not in extra_cols}}
+            for r in records]  # fmt: skip
+    raw = to_frame([{k: v for k, v in b.items() if k != "prompt_index"} for b in base])
+    extra = pl.DataFrame([{k: r[k] for k in extra_cols} for r in records],
+                         schema={"setting": pl.String, "kind": pl.String, "strength": pl.Float64,
+                                 "layers": pl.String, "method": pl.String, "entropy_mean": pl.Float64,
+                                 "first_token_kl": pl.Float64})  # fmt: skip
+    graded = grade_table(raw, data, settings.get("format") or "math")
+    table = pl.concat([graded, extra], how="horizontal").with_columns(spec=pl.lit(spec_name))
+    order = {s.name: i for i, s in enumerate(plan)}
+    by = {s.name: s for s in plan}
+    summary = []
+    for st in status:
+        s = by[st["setting"]]
+        part = table.filter(pl.col("setting") == s.name)
+        n, k = part.height, int(part["correct"].fill_null(False).sum()) if part.height else 0
+        lo, hi = wilson(k, n) if n else (None, None)
+        summary.append({"spec": spec_name, "setting": s.name, "order": order[s.name], "kind": s.kind,
+                        "strength": s.strength, "layers": ",".join(map(str, s.layers)) or None,
+                        "method": s.method, "status": st["status"], "n": n,
+                        "accuracy": k / n if n else None, "ci_low": lo, "ci_high": hi,
+                        "mean_tokens": part["n_completion_tokens"].mean() if n else None,
+                        "share_length": (part["finish_reason"] == "length").mean() if n else None,
+                        "entropy_mean": part["entropy_mean"].mean() if n else None,
+                        "first_token_kl": part["first_token_kl"].mean() if n else None})  # fmt: skip
+    table.write_parquet(table_path)
+    pl.DataFrame(summary, infer_schema_length=None).write_parquet(status_path)
+    rec = cp.record(placement, machine, "intervene", model=h.model, ckpt=h.ckpt, spec=spec_name,
+                    seconds=round(seconds, 2))  # fmt: skip
+    cp.write_record(rec, record_path)
+    log_summary = {s["setting"]: (s["status"], s["accuracy"]) for s in summary}
+    import logging
+
+    logging.getLogger(__name__).info("interventions %s: %s", where, log_summary)
+    return {"settings": summary, "seconds": seconds}
