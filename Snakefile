@@ -14,6 +14,7 @@ include: "workflow/rules/datasets.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/activations.smk"
+include: "workflow/rules/interventions.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/report.smk"
 

@@ -359,3 +359,23 @@ def test_presets_of_seed_001_are_valid():
         assert cfg["activations"]["layers"] == "all" or isinstance(
             cfg["activations"]["layers"], list
         )
+
+
+def test_intervention_specs_name_what_they_use():
+    cfg = copy.deepcopy(DEMO)
+    cfg["interventions"]["models"] = ["tiny", "tiny-high"]
+    cfg["interventions"]["dataset"] = "nope"
+    cfg["interventions"]["specs"] = {
+        "s": {"kind": "steer", "contrast": "other"},
+        "l": {"kind": "ablate_layer"},
+    }
+    err = error_of(cfg)
+    assert "interventions.dataset: 'nope' is not defined under datasets" in err
+    assert (
+        "interventions.specs.s.contrast: 'other' is not a contrast under directions.contrasts"
+        in err
+    )
+    assert "interventions.specs.s: model(s) tiny-high are not in activations.models" in err
+    assert "interventions.specs.s.strengths: give the strengths to sweep" in err
+    assert "interventions.specs.l.layers: list the decoder layers to ablate" in err
+    assert "interventions.specs.l.methods: give zero, mean or both" in err

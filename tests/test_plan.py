@@ -218,9 +218,13 @@ def test_compute_records_cover_every_model_loading_job():
     p = plan_of()
     records = p.compute_records()
     n = (len(p.gen_jobs) + len(p.score_jobs) + len(p.capture_jobs) + len(p.direction_jobs)
-         + len(p.lens_jobs))  # fmt: skip
+         + len(p.lens_jobs) + len(p.intervene_jobs))  # fmt: skip
     assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 3 * 3  # 3 sets
     assert len(p.direction_jobs) == len(p.lens_jobs) == len(p.probe_jobs) == 3
+    assert len(p.intervene_jobs) == 3 * 2  # tiny's checkpoints x the demo's two specs
+    assert p.intervene_inputs("tiny", "final", "steer")["chosen"] == (
+        "results/directions/tiny/final/reasoning/chosen.json"
+    )
     assert p.cka_jobs == [
         ("tiny", "step-200", "tiny", "step-500"),
         ("tiny", "step-500", "tiny", "final"),
@@ -326,7 +330,7 @@ def test_report_tables_follow_the_active_stages():
         cfg["generation"]["datasets"] = []
         cfg["generation"]["models"] = None
         cfg["models"] = {"tiny-init": cfg["models"]["tiny-init"]}
-        for key in ("activations", "directions", "probes", "lens", "cka"):
+        for key in ("activations", "directions", "probes", "lens", "cka", "interventions"):
             cfg[key] = {}
 
     q = plan_of(no_training_no_generation)

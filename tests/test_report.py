@@ -197,6 +197,7 @@ def test_sections_are_an_explicit_ordered_list():
         "generation",
         "token-scores",
         "activations",
+        "interventions",
         "training",
     ]
     for stage in build.SECTIONS:

@@ -30,7 +30,15 @@ REBUILT = [
 ]
 # the aggregates and the report that read them (removed so that the rebuilt tables are needed)
 DOWNSTREAM = ["results/aggregate/gen_*", "results/aggregate/score_*", "results/report.html"]
-GPU_RULES = {"generate", "score", "finetune", "capture_activations", "directions", "lens"}
+GPU_RULES = {
+    "generate",
+    "score",
+    "finetune",
+    "capture_activations",
+    "directions",
+    "lens",
+    "intervene",
+}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,8 @@ N_SCORE = N_CKPTS * len(DEMO["score"]["textsets"]) + len(TINY)  # + tiny's own g
 N_SETS = len(DEMO["activations"]["prompt_sets"])
 ANALYSES = {"capture_activations": len(TINY) * N_SETS, "directions": len(TINY) * len(DEMO["directions"]["contrasts"]),
             "probes": len(TINY), "lens": len(TINY) * len(DEMO["lens"]["datasets"]), "cka": len(TINY) - 1,
-            "aggregate_activations": 1}  # fmt: skip
+            "aggregate_activations": 1,
+            "intervene": len(TINY) * len(DEMO["interventions"]["specs"]), "aggregate_interventions": 1}  # fmt: skip
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -244,6 +245,7 @@ def test_speed_settings_rerun_nothing(scratch):
         "compute": {"device": "cpu", "device_map": "auto"},
         "activations": {"batch_size": 3, "threads": 2, "store": "results/activations/other-store"},
         "directions": {"batch_size": 2, "threads": 2}, "lens": {"threads": 2},
+        "interventions": {"batch_size": 4, "threads": 2, "device": "cpu"},
     }, name="speed.yaml")  # fmt: skip
     assert planned(scratch, "--configfile", "config.yaml", str(extra)) == Counter()
     # ... while a setting that changes results re-runs its stage
@@ -456,3 +458,29 @@ def test_vllm_generates_the_same_tokens_and_agrees_with_the_scorer(scratch):
         diffs = [abs(a - b) for a, b in zip(mine["logprob"], r["token_logprobs"], strict=True)]
         worst = max([worst, *diffs])
     assert worst <= 1e-3  # vLLM (float32) and the scorer agree on every sampled token
+
+
+def test_interventions_sweep_every_checkpoint_with_its_baseline(demo):
+    """Every setting of the demo's specs under each of tiny's checkpoints; the baseline is the
+    generation job's own greedy output on the same prompts (independently generated, token for
+    token), and the summary is its table's."""
+    iv = DEMO["interventions"]
+    settings = pl.read_parquet(demo / "results/aggregate/int_settings.parquet")
+    n_settings = {"steer": 1 + len(iv["specs"]["steer"]["strengths"]), "ablate": 2}
+    for ckpt in TINY:
+        for spec, n in n_settings.items():
+            part = settings.filter((pl.col("ckpt") == ckpt) & (pl.col("spec") == spec))
+            assert part.height == n and set(part["status"]) == {"ok"}, part
+            table = pl.read_parquet(
+                demo / f"results/interventions/tiny/{ckpt}/{spec}.table.parquet"
+            )
+            base = table.filter(pl.col("setting") == "baseline").sort("id")
+            gen = pl.read_parquet(demo / f"results/generations/tiny/{ckpt}/{iv['dataset']}.parquet")
+            gen = gen.filter(pl.col("id").is_in(base["id"].implode())).sort("id")
+            assert base.height == gen.height == iv["max_prompts"]
+            assert base["token_ids"].to_list() == gen["token_ids"].to_list()
+            assert base["correct"].to_list() == gen["correct"].to_list()
+            for row in part.iter_rows(named=True):
+                rows = table.filter(pl.col("setting") == row["setting"])
+                assert row["accuracy"] == rows["correct"].fill_null(False).mean()
+    assert 'id="interventions"' in (demo / "results/report.html").read_text()

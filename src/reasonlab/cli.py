@@ -493,6 +493,50 @@ def aggregate_activations(a, log):
     stage.aggregate_activations(jobs, _out(stage.TABLES, a.out_dir))
 
 
+# ----------------------------------------------------------------------------- interventions
+
+
+@step(
+    "intervene",
+    "an intervention spec (steering sweep or ablation) on a dataset under one checkpoint",
+    lambda p: (
+        p.add_argument("--handle", required=True),
+        p.add_argument("--data", required=True, help="a prepared dataset"),
+        p.add_argument("--spec", required=True, help="the spec's name (interventions.specs)"),
+        p.add_argument(
+            "--settings", type=_json, default={}, help="the spec and its options (JSON)"
+        ),
+        p.add_argument("--chosen", help="the directions job's chosen.json"),
+        p.add_argument("--pt", help="the directions job's reasoning_directions.pt"),
+        p.add_argument("--table", required=True),
+        p.add_argument("--settings-table", required=True),
+        p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (speed only)"),
+        p.add_argument("--threads", type=int),
+        _compute_arguments(p),
+    ),
+)
+def intervene(a, log):
+    from reasonlab.intervene import intervene_job
+
+    intervene_job(a.handle, a.data, a.spec, {**a.settings, "batch_size": a.batch_size}, a.table,
+                  a.settings_table, a.chosen, a.pt, a.threads, _request(a), a.record)  # fmt: skip
+
+
+@step(
+    "aggregate-interventions",
+    "every intervention job's settings in one table for the report",
+    lambda p: (
+        p.add_argument("--jobs", nargs="*", default=[], help="model/ckpt/order/spec per job"),
+        p.add_argument("--paths", nargs="*", default=[], help="each job's settings table, aligned"),
+        p.add_argument("--out-dir", required=True),
+    ),
+)
+def aggregate_interventions(a, log):
+    from reasonlab.report import interventions as stage
+
+    stage.aggregate_interventions(a.jobs, a.paths, _out(stage.TABLES, a.out_dir))
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -247,6 +247,7 @@ def _check_references(config: dict) -> None:
                 )
     problems += _activation_problems(config)
     problems += _analysis_problems(config)
+    problems += _intervention_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -355,6 +356,41 @@ def _analysis_problems(config: dict) -> list[str]:
         problems.append(
             "directions/probes/lens/cka analyse the checkpoints of activations.models, which lists none"
         )
+    return problems
+
+
+def _intervention_problems(config: dict) -> list[str]:
+    """`interventions`: models and dataset defined; each spec's contrast defined and captured for
+    its models; steer needs strengths, ablate_layer a list of layers and methods."""
+    iv, problems = config.get("interventions") or {}, []
+    if not iv or not iv.get("specs"):
+        return problems
+    for i, m in enumerate(iv["models"]):
+        if m not in config["models"]:
+            problems.append(f"interventions.models[{i}]: model {m!r} is not defined under models")
+    if not iv["models"]:
+        problems.append("interventions.models: interventions.specs is set but no model is listed")
+    if iv["dataset"] not in config["datasets"]:
+        problems.append(f"interventions.dataset: {iv['dataset']!r} is not defined under datasets")
+    contrasts = (config.get("directions") or {}).get("contrasts") or {}
+    analysed = set((config.get("activations") or {}).get("models") or [])
+    for name, spec in iv["specs"].items():
+        key = f"interventions.specs.{name}"
+        if spec["kind"] in ("steer", "ablate_direction"):
+            if spec.get("contrast") not in contrasts:
+                problems.append(f"{key}.contrast: {spec.get('contrast')!r} is not a contrast under "
+                                "directions.contrasts (the direction comes from its chosen candidate)")  # fmt: skip
+            missing = [m for m in iv["models"] if m not in analysed]
+            if missing:
+                problems.append(f"{key}: model(s) {', '.join(missing)} are not in activations.models, "
+                                "so no direction is chosen for their checkpoints")  # fmt: skip
+        if spec["kind"] == "steer" and not spec["strengths"]:
+            problems.append(f"{key}.strengths: give the strengths to sweep, e.g. [-2, -1, 1, 2]")
+        if spec["kind"] == "ablate_layer":
+            if spec["layers"] == "chosen":
+                problems.append(f"{key}.layers: list the decoder layers to ablate, e.g. [1, 2]")
+            if not spec["methods"]:
+                problems.append(f"{key}.methods: give zero, mean or both")
     return problems
 
 

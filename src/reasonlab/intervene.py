@@ -614,7 +614,7 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
         try:
             records, status = sweep(model, tok, prompts, plan, opts, direction=direction,
                                     means=means, progress=progress)  # fmt: skip
-        except InterventionError as e:
+        except ReasonlabError as e:  # a direction of another width, a layer out of range
             raise InterventionError(f"{key}: {e} ({where})") from None
     seconds = time.perf_counter() - t0
     extra_cols = [

@@ -28,6 +28,7 @@ from reasonlab.generate import GenOptions
 from reasonlab.models import local_path
 from reasonlab.report import activations as report_activations
 from reasonlab.report import generate as report_generate
+from reasonlab.report import interventions as report_interventions
 from reasonlab.report import overview as report_overview
 from reasonlab.report import score as report_score
 from reasonlab.report import training as report_training
@@ -76,6 +77,7 @@ COMPUTE_STAGES = {
     "capture_activations": "activations",
     "directions": "directions",
     "lens": "lens",
+    "intervene": "interventions",
 }
 PLACEMENT_KEYS = ("device", "device_map")  # where a model runs: speed only, never a param
 
@@ -506,6 +508,47 @@ class Plan:
         out += [self.cka_output(*j, "table") for j in self.cka_jobs]
         return out
 
+    # ------------------------------------------------------------------ interventions
+
+    @cached_property
+    def intervene_jobs(self) -> list[tuple[str, str, str]]:
+        """(model, ckpt, spec): every spec under every checkpoint of `interventions.models`."""
+        iv = self.config.get("interventions") or {}
+        specs = sorted(iv.get("specs") or {})
+        return [(m, c, k) for m in sorted(iv.get("models") or []) for c in self.checkpoints(m)
+                for k in specs]  # fmt: skip
+
+    @staticmethod
+    def intervene_output(model: str, ckpt: str, spec: str, kind: str) -> str:
+        """`kind`: table (graded generations per setting) or settings (one row per setting)."""
+        return f"results/interventions/{model}/{ckpt}/{spec}.{kind}.parquet"
+
+    def intervene_inputs(self, model: str, ckpt: str, spec: str) -> dict[str, str]:
+        iv = self.config["interventions"]
+        out = {"handle": self.handle(model, ckpt), "data": self.dataset_table(iv["dataset"])}
+        contrast = iv["specs"][spec].get("contrast")
+        if iv["specs"][spec]["kind"] != "ablate_layer":
+            out["chosen"] = self.direction_output(model, ckpt, contrast, "chosen")
+            out["pt"] = self.direction_output(model, ckpt, contrast, "pt")
+        return out
+
+    def intervene_settings(self, spec: str) -> str:
+        """A spec's settings as JSON (a param: all of it changes results)."""
+        iv = self.config["interventions"]
+        s = dict(iv["specs"][spec])
+        s |= {"max_prompts": iv["max_prompts"],
+              "max_new_tokens": iv["max_new_tokens"] or self.generation["max_new_tokens"],
+              "template": self.generation["template"], "system": self.generation["system"],
+              "format": self.config["datasets"][iv["dataset"]]["format"]}  # fmt: skip
+        return as_json(s)
+
+    def intervene_jobs_arg(self) -> tuple[list[str], list[str]]:
+        """(one `model/ckpt/order/spec` word per job, its settings table) for the aggregation."""
+        words = [f"{m}/{c}/{self.order(m, c)}/{k}" for m, c, k in self.intervene_jobs]
+        return words, [
+            self.intervene_output(m, c, k, "settings") for m, c, k in self.intervene_jobs
+        ]
+
     # ------------------------------------------------------------------ devices and dtypes
 
     def compute(self, rule: str, model: str) -> compute.Request:
@@ -541,7 +584,9 @@ class Plan:
             for j in self.capture_jobs
         ] + [
             self.compute_record("directions", m, c, k) for m, c, k in self.direction_jobs
-        ] + [self.compute_record("lens", m, c, d) for m, c, d in self.lens_jobs]  # fmt: skip
+        ] + [self.compute_record("lens", m, c, d) for m, c, d in self.lens_jobs] + [
+            self.compute_record("intervene", m, c, k) for m, c, k in self.intervene_jobs
+        ]  # fmt: skip
 
     # ------------------------------------------------------------------ aggregation and report
 
@@ -554,6 +599,8 @@ class Plan:
             active.append(report_score)
         if self.activation_jobs()[0]:
             active.append(report_activations)
+        if self.intervene_jobs:
+            active.append(report_interventions)
         if self.training:
             active.append(report_training)
         return active

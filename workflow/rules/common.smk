@@ -24,6 +24,7 @@ from reasonlab.plan import (  # noqa: E402
     table_paths,
 )
 from reasonlab.report import generate as report_generate  # noqa: E402
+from reasonlab.report import interventions as report_interventions  # noqa: E402
 from reasonlab.report import overview as report_overview  # noqa: E402
 from reasonlab.report import training as report_training  # noqa: E402
 
@@ -213,6 +214,20 @@ def get_cka_inputs(wildcards):
     return PLAN.cka_inputs(
         wildcards.model, wildcards.ckpt, wildcards.model2, wildcards.ckpt2
     )
+
+
+def get_intervene_inputs(wildcards):
+    return PLAN.intervene_inputs(wildcards.model, wildcards.ckpt, wildcards.spec)
+
+
+def get_intervene_settings(wildcards):
+    return PLAN.intervene_settings(wildcards.spec)
+
+
+def get_direction_args(wildcards, input):
+    if "chosen" not in input.keys():
+        return ""
+    return f"--chosen {shlex.quote(input.chosen)} --pt {shlex.quote(input.pt)}"
 
 
 def get_run_base_handle(wildcards):

@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 
-from reasonlab.report import activations, generate, overview, score, training
+from reasonlab.report import activations, generate, interventions, overview, score, training
 from reasonlab.report.html import render
 
-SECTIONS: tuple[ModuleType, ...] = (overview, generate, score, activations, training)
+SECTIONS: tuple[ModuleType, ...] = (overview, generate, score, activations, interventions, training)
 
 
 def reads(stage: ModuleType) -> tuple[str, ...]:
