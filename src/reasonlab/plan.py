@@ -88,7 +88,8 @@ def results_config(config: dict) -> dict:
     # each stage's speed-only fields, its threads and placement; where the store lives
     for section, cls, extra in (("score", ScoreOptions, ()), ("generation", GenOptions, ()),
                                 ("activations", CaptureOptions, ("store",)),
-                                ("directions", DirectionOptions, ()), ("lens", None, ())):  # fmt: skip
+                                ("directions", DirectionOptions, ()), ("lens", None, ()),
+                                ("interventions", None, ("batch_size",))):  # fmt: skip
         if section not in config:
             continue
         speed = set(options.speed_fields(cls)) if cls else set()
