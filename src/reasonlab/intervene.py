@@ -27,6 +27,7 @@ Sites are numbered as in `reasonlab.activations`: layer l < L is the input of de
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from reasonlab import ReasonlabError
 from reasonlab.activations import check_layers, decoder_parts, hidden_of, residual_writers
 
 POSITIONS = ("all", "prompt", "generated")
+log = logging.getLogger(__name__)
 
 
 class InterventionError(ReasonlabError):
@@ -658,8 +660,7 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
     rec = cp.record(placement, machine, "intervene", model=h.model, ckpt=h.ckpt, spec=spec_name,
                     seconds=round(seconds, 2))  # fmt: skip
     cp.write_record(rec, record_path)
-    log_summary = {s["setting"]: (s["status"], s["accuracy"]) for s in summary}
-    import logging
-
-    logging.getLogger(__name__).info("interventions %s: %s", where, log_summary)
+    log.info(
+        "interventions %s: %s", where, {s["setting"]: (s["status"], s["accuracy"]) for s in summary}
+    )
     return {"settings": summary, "seconds": seconds}
