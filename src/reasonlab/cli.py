@@ -87,13 +87,14 @@ def _out(names, out_dir: str) -> dict[str, str]:
 
 @step(
     "build-demo-data",
-    "write the demo's synthetic problems (pool, eval, control, pretrain, traces)",
+    "write the demo's synthetic problems (pool, eval, control, pretrain, traces, pairs)",
     lambda p: (
         p.add_argument("--pool", required=True),
         p.add_argument("--eval", required=True),
         p.add_argument("--control", required=True),
         p.add_argument("--pretrain", required=True),
         p.add_argument("--traces", required=True),
+        p.add_argument("--pairs", help="clean/corrupted pairs (JSONL)"),
         p.add_argument("--seed", type=int, default=0),
         p.add_argument("--sizes", type=_json, default={}, help="DemoSizes fields (JSON)"),
     ),
@@ -102,7 +103,7 @@ def build_demo_data(a, log):
     from reasonlab.synth import DemoSizes, write_demo_data
 
     out = {"pool": a.pool, "eval": a.eval, "control": a.control, "pretrain": a.pretrain,
-           "traces": a.traces}  # fmt: skip
+           "traces": a.traces} | ({"pairs": a.pairs} if a.pairs else {})  # fmt: skip
     counts = write_demo_data(out, seed=a.seed, sizes=DemoSizes(**a.sizes))
     log.info("wrote demo sets: %s", counts)
 
@@ -523,18 +524,54 @@ def intervene(a, log):
 
 
 @step(
-    "aggregate-interventions",
-    "every intervention job's settings in one table for the report",
+    "patch",
+    "activation patching from clean into corrupted prompts at every site under one checkpoint",
     lambda p: (
-        p.add_argument("--jobs", nargs="*", default=[], help="model/ckpt/order/spec per job"),
+        p.add_argument("--handle", required=True),
+        p.add_argument("--data", required=True, help="a prepared dataset of clean/corrupted pairs"),
+        p.add_argument("--settings", type=_json, default={}, help="interventions.patching (JSON)"),
+        p.add_argument(
+            "--out-prefix", required=True, help="writes PREFIX.{groups,tokens,pairs}.parquet"
+        ),
+        p.add_argument(
+            "--batch-size", type=int, default=64, help="sequences per forward (speed only)"
+        ),
+        p.add_argument("--threads", type=int),
+        _compute_arguments(p),
+    ),
+)
+def patch(a, log):
+    from reasonlab.patching import patch_job
+
+    patch_job(a.handle, a.data, a.settings, a.out_prefix, a.batch_size, a.threads, _request(a),
+              a.record)  # fmt: skip
+
+
+@step(
+    "aggregate-interventions",
+    "every intervention, transfer and patching job's results in tables for the report",
+    lambda p: (
+        p.add_argument(
+            "--jobs",
+            nargs="*",
+            default=[],
+            help="model/ckpt/order/spec/source-model/source-ckpt per job",
+        ),
         p.add_argument("--paths", nargs="*", default=[], help="each job's settings table, aligned"),
+        p.add_argument(
+            "--patch-jobs", nargs="*", default=[], help="model/ckpt/order/dataset per job"
+        ),
+        p.add_argument(
+            "--patch-paths", nargs="*", default=[], help="each job's groups table, aligned"
+        ),
         p.add_argument("--out-dir", required=True),
     ),
 )
 def aggregate_interventions(a, log):
     from reasonlab.report import interventions as stage
 
-    stage.aggregate_interventions(a.jobs, a.paths, _out(stage.TABLES, a.out_dir))
+    stage.aggregate_interventions(a.jobs, a.paths, _out(stage.TABLES, a.out_dir),
+                                  a.patch_jobs, a.patch_paths)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- training

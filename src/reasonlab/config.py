@@ -391,6 +391,34 @@ def _intervention_problems(config: dict) -> list[str]:
                 problems.append(f"{key}.layers: list the decoder layers to ablate, e.g. [1, 2]")
             if not spec["methods"]:
                 problems.append(f"{key}.methods: give zero, mean or both")
+    problems += _transfer_problems(config, iv, analysed)
+    pairs = (iv.get("patching") or {}).get("dataset")
+    if pairs and pairs not in config["datasets"]:
+        problems.append(f"interventions.patching.dataset: {pairs!r} is not defined under datasets")
+    return problems
+
+
+def _transfer_problems(config: dict, iv: dict, analysed: set) -> list[str]:
+    """`interventions.transfer`: a steer spec; pairs of defined <model>/<ckpt>, sources analysed."""
+    tr, problems = iv.get("transfer") or {}, []
+    if not tr.get("spec"):
+        return problems
+    spec = iv["specs"].get(tr["spec"])
+    if spec is None or spec["kind"] != "steer":
+        steer = [k for k, v in iv["specs"].items() if v["kind"] == "steer"]
+        problems.append(f"interventions.transfer.spec: {tr['spec']!r} is not a steer spec under "
+                        f"interventions.specs (steer specs: {', '.join(steer) or 'none'})")  # fmt: skip
+    if tr.get("pairs", "all") == "all":
+        return problems
+    for i, pair in enumerate(tr["pairs"]):
+        for j, ref in enumerate(pair):
+            model, _, ckpt = ref.partition("/")
+            where = f"interventions.transfer.pairs[{i}][{j}]"
+            if model not in config["models"] or ckpt not in config["models"][model]["checkpoints"]:
+                problems.append(f"{where}: {ref!r} is not a <model>/<ckpt> defined under models")
+            elif j == 0 and model not in analysed:
+                problems.append(f"{where}: model {model!r} is not in activations.models, so no "
+                                "direction is chosen at its checkpoints")  # fmt: skip
     return problems
 
 

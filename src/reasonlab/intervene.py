@@ -31,6 +31,8 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from reasonlab import ReasonlabError
 from reasonlab.activations import check_layers, decoder_parts, hidden_of, residual_writers
 
@@ -259,10 +261,15 @@ class LayerAblator(_Hooks):
 
 
 class PathPatcher(_Hooks):
-    """Activation patching: at sites `layers`, replace the residual at `positions` (token indices,
-    or "all") by `source[site]` ([batch, seq, hidden], recorded on the source run with
-    `record_residuals`). Forward passes shorter than the patched positions (decode steps) pass
-    through unchanged; `.calls` counts the patched passes."""
+    """Activation patching: at sites `layers`, replace the residual at `positions` by
+    `source[site]` ([batch, seq, hidden], recorded on the source run with `record_residuals`).
+
+    `positions`: "all", a list of token indices (every row), or a boolean mask [batch, S] that
+    patches row r at the positions where mask[r] is true (S ≤ the target's length: the source's
+    first S positions are written; a source of batch 1 serves every row — one patched position
+    per row is how `reasonlab.patching` sweeps positions in one batch). Forward passes shorter
+    than the patched positions (decode steps) pass through unchanged; `.calls` counts the patched
+    passes."""
 
     def __init__(self, model, source: dict, layers, positions="all"):
         super().__init__(model)
@@ -276,6 +283,10 @@ class PathPatcher(_Hooks):
             _check_width(model, source[layer][0, 0], f"source residual at site {layer}")
         self.source, self.positions = source, positions
         self.calls = dict.fromkeys(self.layers, 0)
+        self._mask = hasattr(positions, "dtype") and str(positions.dtype) == "torch.bool"
+        if not self._mask and isinstance(positions, str) and positions != "all":
+            raise InterventionError(f"path patching: positions {positions!r}: give \"all\", "
+                                    "token indices or a boolean mask")  # fmt: skip
 
     def _patch(self, layer: int, x):
         src = self.source[layer]
@@ -289,21 +300,43 @@ class PathPatcher(_Hooks):
             )
         self.calls[layer] += 1
         src = src.to(x.device, x.dtype)
-        if self.positions == "all":
+        if isinstance(self.positions, str):  # "all"
             return src.clone()
         out = x.clone()
         out[:, self.positions] = src[:, self.positions]
         return out
 
+    def _patch_mask(self, layer: int, x):
+        import torch
+
+        src, mask = self.source[layer], self.positions
+        width = mask.shape[1]
+        if x.shape[-2] == 1 and width > 1:  # a decode step
+            return None
+        if mask.shape[0] != x.shape[0] or x.shape[-2] < width or src.shape[-2] < width or \
+                src.shape[0] not in (1, x.shape[0]):  # fmt: skip
+            raise InterventionError(
+                f"path patching at site {layer}: a mask of {tuple(mask.shape)} (rows, positions) "
+                f"does not fit the target {tuple(x.shape[:2])} and source {tuple(src.shape[:2])}"
+            )
+        self.calls[layer] += 1
+        m = mask.to(x.device)
+        src = src[:, :width].to(x.device, x.dtype).expand(x.shape[0], -1, -1)
+        out = x.clone()
+        head = out[:, :width]
+        out[:, :width] = torch.where(m.unsqueeze(-1), src, head)
+        return out
+
     def _register(self) -> None:
         for layer in self.layers:
+            patch = self._patch_mask if self._mask else self._patch
 
-            def pre(module, args, kwargs, layer=layer):
-                new = self._patch(layer, _input_of(args, kwargs))
+            def pre(module, args, kwargs, layer=layer, patch=patch):
+                new = patch(layer, _input_of(args, kwargs))
                 return None if new is None else _with_input(args, kwargs, new)
 
-            def post(module, args, output, layer=layer):
-                new = self._patch(layer, hidden_of(output))
+            def post(module, args, output, layer=layer, patch=patch):
+                new = patch(layer, hidden_of(output))
                 return None if new is None else _replace_hidden(output, new)
 
             self._site_pre(layer, pre, post)
@@ -392,6 +425,27 @@ def mean_contributions(model, batches, layers) -> dict:
     return {layer: (sums[layer] / count) for layer in layers}
 
 
+def prompt_batches(model, tokenizer, prompts: list[str], batch_size: int = 16) -> list:
+    """(input_ids, attention_mask) batches of rendered prompts, left-padded on the model's input
+    device: the reference set of `mean_residual_norms` and `mean_contributions`."""
+    from reasonlab.activations import pad_batch, pad_id
+    from reasonlab.models import input_device
+
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    dev = input_device(model)
+    return [pad_batch(enc[i : i + batch_size], pad_id(tokenizer), "left", dev)[:2]
+            for i in range(0, len(enc), batch_size)]  # fmt: skip
+
+
+def mean_interval(values) -> tuple[float | None, float | None]:
+    """The normal-approximation 95 % interval of a mean (nulls dropped; None under two values)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if len(v) < 2:
+        return None, None
+    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v))
+    return float(v.mean()) - half, float(v.mean()) + half
+
+
 # ------------------------------------------------------------------------------ sweeps
 
 
@@ -454,16 +508,19 @@ class _NonFinite(Exception):
 
 
 def sweep(model, tokenizer, prompts: list[str], settings: list[Setting], opts, direction=None,
-          norms=None, means=None, progress: bool = True) -> tuple[list[dict], list[dict]]:  # fmt: skip
+          norms=None, means=None, markers: list[int] | None = None,
+          progress: bool = True) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """Generate every prompt under every setting (batched transformers generation, `opts` a
     `GenOptions`). Returns (records: the generation schema plus `setting`, `kind`, `strength`,
     `layers`, `method`, `entropy_mean` — the mean entropy of the generated tokens under the
     distribution that produced them, as the scorer computes it — and `first_token_kl`, KL(baseline
-    ‖ setting) of the first generated token's distribution; status rows: one per setting, "ok" or
-    why it failed). A setting whose logits are not finite (a strength too large) is a failed
+    ‖ setting) of the first generated token's distribution, and with `markers` (token ids)
+    `marker_logodds`, the log-odds of the first generated token being one of them; status rows: one
+    per setting, "ok" or why it failed). A setting whose logits are not finite (a strength too large) is a failed
     status row and no records, never a crashed job."""
     import torch
 
+    from reasonlab.directions import log_odds
     from reasonlab.generate import hf_generate
     from reasonlab.models import input_device
     from reasonlab.score import token_stats
@@ -505,13 +562,18 @@ def sweep(model, tokenizer, prompts: list[str], settings: list[Setting], opts, d
             kl_rows(base, first[s.name]) if base is not None and first[s.name] is not None
             else [None] * len(prompts) * opts.n
         )  # fmt: skip
+        odds = (
+            log_odds(first[s.name], markers) if markers and first[s.name] is not None
+            else [None] * len(prompts) * opts.n
+        )  # fmt: skip
         for i, samples in enumerate(out):
             for j, smp in enumerate(samples):
                 r = i * opts.n + j
                 records.append({**smp, "prompt_index": i, "sample": j, "setting": s.name,
                                 "kind": s.kind, "strength": s.strength,
                                 "layers": ",".join(map(str, s.layers)) or None, "method": s.method,
-                                "first_token_kl": None if kl[r] is None else float(kl[r])})  # fmt: skip
+                                "first_token_kl": None if kl[r] is None else float(kl[r]),
+                                "marker_logodds": None if odds[r] is None else float(odds[r])})  # fmt: skip
     return records, status
 
 
@@ -589,6 +651,7 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
     rows = data.to_dicts()
     prompts = render_prompts(rows, tok, opts)
     kind = settings["kind"]
+    scale = settings.get("scale", "relative")
     direction, chosen, layers = None, {}, settings.get("layers") or []
     if kind in ("steer", "ablate_direction"):
         direction, chosen = read_chosen_direction(chosen_path, pt_path, where)
@@ -598,24 +661,26 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
         kind, layers, settings.get("strengths") or [], settings.get("methods") or []
     )
     t0 = time.perf_counter()
+    norms = means = markers = None
     if kind != "ablate_layer" and direction is None:
         records = []
         status = [{"setting": s.name, "status": "failed: no direction was chosen for this "
                    f"checkpoint ({chosen.get('note', 'see chosen.json')})"} for s in plan]  # fmt: skip
         status[0]["status"] = "skipped"
     else:
-        means = None
-        if kind == "ablate_layer" and "mean" in (settings.get("methods") or []):
-            from reasonlab.activations import pad_batch, pad_id
-
-            enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            dev = next(model.parameters()).device
-            batches = [pad_batch(enc[i : i + 16], pad_id(tok), "left", dev)[:2]
-                       for i in range(0, len(enc), 16)]  # fmt: skip
-            means = mean_contributions(model, batches, layers)
         try:
+            if kind == "ablate_layer" and "mean" in (settings.get("methods") or []):
+                means = mean_contributions(model, prompt_batches(model, tok, prompts), layers)
+            if kind == "steer" and settings.get("scale", "relative") == "relative":
+                # the strengths are multiples of the mean residual norm on the swept prompts
+                norms = mean_residual_norms(model, prompt_batches(model, tok, prompts), layers)
+            if settings.get("markers"):
+                from reasonlab.directions import marker_ids
+
+                markers = marker_ids(tok, settings["markers"])
             records, status = sweep(model, tok, prompts, plan, opts, direction=direction,
-                                    means=means, progress=progress)  # fmt: skip
+                                    norms=norms, means=means, markers=markers,
+                                    progress=progress)  # fmt: skip
         except ReasonlabError as e:  # a direction of another width, a layer out of range
             raise InterventionError(f"{key}: {e} ({where})") from None
     seconds = time.perf_counter() - t0
@@ -627,6 +692,7 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
         "method",
         "entropy_mean",
         "first_token_kl",
+        "marker_logodds",
     ]
     base = [{"id": rows[r["prompt_index"]]["id"], "prompt": prompts[r["prompt_index"]],
              "n_completion_tokens": len(r["token_ids"]), "backend": "transformers",
@@ -636,9 +702,12 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
     extra = pl.DataFrame([{k: r[k] for k in extra_cols} for r in records],
                          schema={"setting": pl.String, "kind": pl.String, "strength": pl.Float64,
                                  "layers": pl.String, "method": pl.String, "entropy_mean": pl.Float64,
-                                 "first_token_kl": pl.Float64})  # fmt: skip
+                                 "first_token_kl": pl.Float64, "marker_logodds": pl.Float64})  # fmt: skip
     graded = grade_table(raw, data, settings.get("format") or "math")
-    table = pl.concat([graded, extra], how="horizontal").with_columns(spec=pl.lit(spec_name))
+    source = settings.get("source") or f"{h.model}/{h.ckpt}"  # whose direction (transfer)
+    table = pl.concat([graded, extra], how="horizontal").with_columns(
+        spec=pl.lit(spec_name), source=pl.lit(source)
+    )
     order = {s.name: i for i, s in enumerate(plan)}
     by = {s.name: s for s in plan}
     summary = []
@@ -647,14 +716,21 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
         part = table.filter(pl.col("setting") == s.name)
         n, k = part.height, int(part["correct"].fill_null(False).sum()) if part.height else 0
         lo, hi = wilson(k, n) if n else (None, None)
-        summary.append({"spec": spec_name, "setting": s.name, "order": order[s.name], "kind": s.kind,
+        t_lo, t_hi = mean_interval(part["n_completion_tokens"]) if n else (None, None)
+        o_lo, o_hi = mean_interval(part["marker_logodds"]) if n else (None, None)
+        summary.append({"spec": spec_name, "source": source, "scale": scale if s.kind == "steer" else None,
+                        "setting": s.name, "order": order[s.name], "kind": s.kind,
                         "strength": s.strength, "layers": ",".join(map(str, s.layers)) or None,
                         "method": s.method, "status": st["status"], "n": n,
                         "accuracy": k / n if n else None, "ci_low": lo, "ci_high": hi,
                         "mean_tokens": part["n_completion_tokens"].mean() if n else None,
+                        "tokens_ci_low": t_lo, "tokens_ci_high": t_hi,
                         "share_length": (part["finish_reason"] == "length").mean() if n else None,
                         "entropy_mean": part["entropy_mean"].mean() if n else None,
-                        "first_token_kl": part["first_token_kl"].mean() if n else None})  # fmt: skip
+                        "first_token_kl": part["first_token_kl"].mean() if n else None,
+                        "marker_logodds": part["marker_logodds"].mean() if n else None,
+                        "logodds_ci_low": o_lo, "logodds_ci_high": o_hi,
+                        "norm": None if norms is None else norms[s.layers[0]] if s.layers else None})  # fmt: skip
     table.write_parquet(table_path)
     pl.DataFrame(summary, infer_schema_length=None).write_parquet(status_path)
     rec = cp.record(placement, machine, "intervene", model=h.model, ckpt=h.ckpt, spec=spec_name,

@@ -46,6 +46,7 @@ WILDCARDS = {
     "contrast": textsets.NAME,
     "model2": textsets.NAME,
     "ckpt2": textsets.NAME,
+    "spec": textsets.NAME,
     "env": "|".join(ENVIRONMENTS),
 }
 
@@ -78,6 +79,8 @@ COMPUTE_STAGES = {
     "directions": "directions",
     "lens": "lens",
     "intervene": "interventions",
+    "transfer": "interventions",
+    "patch": "interventions",
 }
 PLACEMENT_KEYS = ("device", "device_map")  # where a model runs: speed only, never a param
 
@@ -97,6 +100,10 @@ def results_config(config: dict) -> dict:
         out[section] = {k: v for k, v in config[section].items() if k not in drop}
     if "compute" in config:
         out["compute"] = {k: v for k, v in config["compute"].items() if k not in PLACEMENT_KEYS}
+    patching = (out.get("interventions") or {}).get("patching")
+    if patching:
+        out["interventions"] = {**out["interventions"],
+                                "patching": {k: v for k, v in patching.items() if k != "batch_size"}}  # fmt: skip
     return out
 
 
@@ -540,15 +547,89 @@ class Plan:
         s |= {"max_prompts": iv["max_prompts"],
               "max_new_tokens": iv["max_new_tokens"] or self.generation["max_new_tokens"],
               "template": self.generation["template"], "system": self.generation["system"],
-              "format": self.config["datasets"][iv["dataset"]]["format"]}  # fmt: skip
+              "format": self.config["datasets"][iv["dataset"]]["format"],
+              "markers": (self.config.get("directions") or {}).get("markers")}  # fmt: skip
         return as_json(s)
+
+    @cached_property
+    def transfer_jobs(self) -> list[tuple[str, str, str, str, str]]:
+        """(model, ckpt, spec, source model, source ckpt): the checkpoint steered with the direction
+        chosen at the source checkpoint. Pairs `all`: every checkpoint of each `interventions`
+        model steered by every other checkpoint of the same model; or the configured pairs."""
+        iv = self.config.get("interventions") or {}
+        tr = iv.get("transfer") or {}
+        spec = tr.get("spec")
+        if not spec or not iv.get("specs"):
+            return []
+        if tr.get("pairs", "all") == "all":
+            return [(m, t, spec, m, s) for m in sorted(iv.get("models") or [])
+                    for t in self.checkpoints(m) for s in self.checkpoints(m) if s != t]  # fmt: skip
+        out = []
+        for src, dst in tr["pairs"]:
+            (sm, sc), (m, c) = self.split_ref(src), self.split_ref(dst)
+            out.append((m, c, spec, sm, sc))
+        return out
+
+    @staticmethod
+    def transfer_output(
+        model: str, ckpt: str, spec: str, model2: str, ckpt2: str, kind: str
+    ) -> str:
+        """`kind`: table or settings, as `intervene_output`; model2/ckpt2 chose the direction."""
+        return f"results/transfer/{model}/{ckpt}/{spec}/{model2}/{ckpt2}.{kind}.parquet"
+
+    def transfer_inputs(self, model: str, ckpt: str, spec: str, model2: str, ckpt2: str) -> dict:
+        iv = self.config["interventions"]
+        contrast = iv["specs"][spec]["contrast"]
+        return {"handle": self.handle(model, ckpt), "data": self.dataset_table(iv["dataset"]),
+                "chosen": self.direction_output(model2, ckpt2, contrast, "chosen"),
+                "pt": self.direction_output(model2, ckpt2, contrast, "pt")}  # fmt: skip
+
+    def transfer_settings(self, spec: str, model2: str, ckpt2: str) -> str:
+        """The spec's settings with the transfer's strengths and the direction's source."""
+        s = json.loads(self.intervene_settings(spec))
+        strengths = (self.config["interventions"].get("transfer") or {}).get("strengths")
+        s |= {"source": f"{model2}/{ckpt2}", "layers": "chosen",
+              "strengths": strengths or s["strengths"]}  # fmt: skip
+        return as_json(s)
+
+    @cached_property
+    def patch_jobs(self) -> list[tuple[str, str, str]]:
+        """(model, ckpt, dataset): the patching experiment under every checkpoint of
+        `interventions.models` when `interventions.patching.dataset` is set."""
+        iv = self.config.get("interventions") or {}
+        d = (iv.get("patching") or {}).get("dataset")
+        if not d:
+            return []
+        return [(m, c, d) for m in sorted(iv.get("models") or []) for c in self.checkpoints(m)]
+
+    @staticmethod
+    def patch_output(model: str, ckpt: str, dataset: str, kind: str) -> str:
+        """`kind`: groups (every pair x site x position group), tokens (the first pairs x site x
+        token) or pairs (each pair's clean and corrupted metric)."""
+        return f"results/patching/{model}/{ckpt}/{dataset}.{kind}.parquet"
+
+    def patch_settings(self) -> str:
+        """The patching options that change results, as JSON (a param)."""
+        p = dict(self.config["interventions"]["patching"])
+        p.pop("batch_size", None)
+        p |= {"template": self.generation["template"], "system": self.generation["system"],
+              "format": self.config["datasets"][p["dataset"]]["format"]}  # fmt: skip
+        return as_json(p)
 
     def intervene_jobs_arg(self) -> tuple[list[str], list[str]]:
         """(one `model/ckpt/order/spec` word per job, its settings table) for the aggregation."""
-        words = [f"{m}/{c}/{self.order(m, c)}/{k}" for m, c, k in self.intervene_jobs]
-        return words, [
-            self.intervene_output(m, c, k, "settings") for m, c, k in self.intervene_jobs
+        words = [f"{m}/{c}/{self.order(m, c)}/{k}/{m}/{c}" for m, c, k in self.intervene_jobs]
+        paths = [self.intervene_output(m, c, k, "settings") for m, c, k in self.intervene_jobs]
+        words += [
+            f"{m}/{c}/{self.order(m, c)}/{k}/{m2}/{c2}" for m, c, k, m2, c2 in self.transfer_jobs
         ]
+        paths += [self.transfer_output(*j, "settings") for j in self.transfer_jobs]
+        return words, paths
+
+    def patch_jobs_arg(self) -> tuple[list[str], list[str]]:
+        """(one `model/ckpt/order/dataset` word per patching job, its groups table)."""
+        words = [f"{m}/{c}/{self.order(m, c)}/{d}" for m, c, d in self.patch_jobs]
+        return words, [self.patch_output(m, c, d, "groups") for m, c, d in self.patch_jobs]
 
     # ------------------------------------------------------------------ devices and dtypes
 
@@ -587,7 +668,10 @@ class Plan:
             self.compute_record("directions", m, c, k) for m, c, k in self.direction_jobs
         ] + [self.compute_record("lens", m, c, d) for m, c, d in self.lens_jobs] + [
             self.compute_record("intervene", m, c, k) for m, c, k in self.intervene_jobs
-        ]  # fmt: skip
+        ] + [
+            self.compute_record("transfer", m, c, f"{k}/{m2}/{c2}")
+            for m, c, k, m2, c2 in self.transfer_jobs
+        ] + [self.compute_record("patch", m, c, d) for m, c, d in self.patch_jobs]  # fmt: skip
 
     # ------------------------------------------------------------------ aggregation and report
 
@@ -600,7 +684,7 @@ class Plan:
             active.append(report_score)
         if self.activation_jobs()[0]:
             active.append(report_activations)
-        if self.intervene_jobs:
+        if self.intervene_jobs or self.patch_jobs:
             active.append(report_interventions)
         if self.training:
             active.append(report_training)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,39 @@ def _slip(steps: tuple[Step, ...], k: int, delta: int) -> tuple[Step, ...]:
     return tuple(out)
 
 
+def corrupt(p: Problem, rng: random.Random) -> Problem | None:
+    """`p` with its one numeral changed to another digit, every step recomputed: a different answer
+    and every intermediate value of the same number of digits (so that the two texts align token
+    by token). None when no digit qualifies (or the numeral also appears as the number word)."""
+    numerals = re.findall(r"\b\d+\b", p.question)
+    if len(numerals) != 1:
+        return None
+    d = numerals[0]
+    left, op, right = p.steps[0].expr.split(" ")
+    if (left == d) == (right == d):  # both operands (or neither) are the numeral: ambiguous
+        return None
+    for d2 in rng.sample([str(x) for x in range(2, 10)], 8):
+        if d2 == d:
+            continue
+        first = f"{d2} {op} {right}" if left == d else f"{left} {op} {d2}"
+        steps, carry = [], None
+        for i, s in enumerate(p.steps):
+            a, o, b = (first if i == 0 else s.expr).split(" ")
+            a = int(a) if carry is None else carry
+            if o == "/" and a % int(b):
+                break
+            carry = {"+": a + int(b), "-": a - int(b), "*": a * int(b), "/": a // int(b)}[o]
+            steps.append(Step(s.what, f"{a} {o} {b}", carry))
+        else:
+            if carry != p.answer and all(
+                len(str(x.value)) == len(str(y.value)) and len(x.expr) == len(y.expr)
+                for x, y in zip(steps, p.steps, strict=True)
+            ):
+                q = re.sub(rf"\b{d}\b", d2, p.question)
+                return Problem(p.template, p.level, q, tuple(steps))
+    return None
+
+
 def solution(p: Problem, style: str = "canonical", rng: random.Random | None = None) -> str:
     """The worked solution of `p` in one of the pool styles (see POOL_TYPES)."""
     if style == "canonical":
@@ -261,12 +295,14 @@ class DemoSizes:
     control: int = 30
     pretrain: int = 3000
     traces: int = 240  # worked solutions, half correct and half with one arithmetic slip (probes)
+    pairs: int = 48  # clean/corrupted problem pairs: one number changed (activation patching)
 
 
 def build_demo_data(seed: int, sizes: DemoSizes) -> dict[str, list[dict]]:
     """All demo sets as lists of records: pool (alpaca + type), eval (MATH), control (queries),
     pretrain (text), traces (alpaca + type correct/wrong: solutions of problems no other set has,
-    alternately right and with one arithmetic slip carried to the answer, lexically alike)."""
+    alternately right and with one arithmetic slip carried to the answer, lexically alike), pairs
+    (MATH + pair and role: clean/corrupted problems differing in one number, for patching)."""
     rng = random.Random(seed)
     eval_stream = problems(seed + 1)
     eval_problems = [next(eval_stream) for _ in range(sizes.eval)]
@@ -315,8 +351,21 @@ def build_demo_data(seed: int, sizes: DemoSizes) -> dict[str, list[dict]]:
         traces.append({"instruction": INSTRUCTION, "input": p.question,
                        "output": solution(p, style, trace_rng), "answer": str(p.answer),
                        "type": "wrong" if i % 2 else "correct", "level": f"Level {p.level}"})  # fmt: skip
+    seen |= {t["input"] for t in traces}
+    pair_rng, pair_stream, pairs = random.Random(seed + 13), problems(seed + 4, exclude=seen), []
+    while len(pairs) < 2 * sizes.pairs:
+        p = next(pair_stream)
+        q = corrupt(p, pair_rng)
+        if q is None:
+            continue
+        n = len(pairs) // 2
+        for role, prob in (("clean", p), ("corrupted", q)):
+            pairs.append({"id": f"pair-{n}-{role}", "problem": prob.question,
+                          "solution": solution(prob), "answer": str(prob.answer),
+                          "level": f"Level {prob.level}", "type": prob.template, "pair": n,
+                          "role": role})  # fmt: skip
     return {"pool": pool_rows, "eval": eval_rows, "control": control, "pretrain": pretrain,
-            "traces": traces}  # fmt: skip
+            "traces": traces, "pairs": pairs}  # fmt: skip
 
 
 def write_demo_data(out: dict[str, Path], seed: int, sizes: DemoSizes) -> dict[str, int]:

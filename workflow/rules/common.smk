@@ -224,6 +224,15 @@ def get_intervene_settings(wildcards):
     return PLAN.intervene_settings(wildcards.spec)
 
 
+def get_transfer_inputs(wildcards):
+    w = wildcards
+    return PLAN.transfer_inputs(w.model, w.ckpt, w.spec, w.model2, w.ckpt2)
+
+
+def get_transfer_settings(wildcards):
+    return PLAN.transfer_settings(wildcards.spec, wildcards.model2, wildcards.ckpt2)
+
+
 def get_direction_args(wildcards, input):
     if "chosen" not in input.keys():
         return ""

@@ -8,6 +8,7 @@ rule build_demo_data:
         control="results/demo/control.jsonl",
         pretrain="results/demo/pretrain.jsonl",
         traces="results/demo/traces.json",
+        pairs="results/demo/pairs.jsonl",
     log:
         "logs/demo/build_demo_data.log",
     priority: 100
@@ -24,7 +25,7 @@ rule build_demo_data:
     shell:
         "{params.python:q} -m reasonlab build-demo-data --log {log:q} --pool {output.pool:q}"
         " --eval {output.eval:q} --control {output.control:q} --pretrain {output.pretrain:q}"
-        " --traces {output.traces:q}"
+        " --traces {output.traces:q} --pairs {output.pairs:q}"
         " --seed {params.seed} --sizes {params.sizes:q}"
 
 

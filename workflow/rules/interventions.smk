@@ -1,5 +1,6 @@
-# Seed 001's causal interventions: steering sweeps and ablations per model x checkpoint x spec
-# (reasonlab.intervene), and their aggregation for the report.
+# Seed 001's causal interventions (reasonlab.intervene): steering sweeps and ablations per model x
+# checkpoint x spec, direction transfer between checkpoints, activation patching per checkpoint
+# (reasonlab.patching), and their aggregation for the report.
 
 
 rule intervene:
@@ -34,9 +35,75 @@ rule intervene:
         " --dtype {params.dtype} --compute {params.compute:q} --record {output.record:q}"
 
 
+rule transfer:
+    input:
+        unpack(get_transfer_inputs),
+    output:
+        table="results/transfer/{model}/{ckpt}/{spec}/{model2}/{ckpt2}.table.parquet",
+        settings="results/transfer/{model}/{ckpt}/{spec}/{model2}/{ckpt2}.settings.parquet",
+        record="results/compute/transfer/{model}/{ckpt}/{spec}/{model2}/{ckpt2}.json",
+    log:
+        "logs/transfer/{model}/{ckpt}/{spec}/{model2}/{ckpt2}.log",
+    benchmark:
+        "benchmarks/transfer/{model}/{ckpt}/{spec}/{model2}/{ckpt2}.tsv"
+    conda:
+        conda_env("core")
+    threads: config["interventions"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        python=python_of("core"),
+        settings=get_transfer_settings,
+        batch=speed_only(config["interventions"]["batch_size"]),
+        dtype=compute_dtype("transfer"),
+        compute=compute_placement("transfer"),
+    shell:
+        "{params.python:q} -m reasonlab intervene --log {log:q} --handle {input.handle:q}"
+        " --data {input.data:q} --spec {wildcards.spec:q} --settings {params.settings:q}"
+        " --chosen {input.chosen:q} --pt {input.pt:q}"
+        " --table {output.table:q} --settings-table {output.settings:q}"
+        " --batch-size {params.batch} --threads {threads}"
+        " --dtype {params.dtype} --compute {params.compute:q} --record {output.record:q}"
+
+
+rule patch:
+    input:
+        handle="results/models/{model}/{ckpt}.json",
+        data="results/data/{dataset}.parquet",
+    output:
+        groups="results/patching/{model}/{ckpt}/{dataset}.groups.parquet",
+        tokens="results/patching/{model}/{ckpt}/{dataset}.tokens.parquet",
+        pairs="results/patching/{model}/{ckpt}/{dataset}.pairs.parquet",
+        record="results/compute/patch/{model}/{ckpt}/{dataset}.json",
+    log:
+        "logs/patch/{model}/{ckpt}/{dataset}.log",
+    benchmark:
+        "benchmarks/patch/{model}/{ckpt}/{dataset}.tsv"
+    conda:
+        conda_env("core")
+    threads: config["interventions"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        python=python_of("core"),
+        settings=PLAN.patch_settings() if PLAN.patch_jobs else "{}",
+        batch=speed_only(config["interventions"]["patching"]["batch_size"]),
+        dtype=compute_dtype("patch"),
+        compute=compute_placement("patch"),
+    shell:
+        "{params.python:q} -m reasonlab patch --log {log:q} --handle {input.handle:q}"
+        " --data {input.data:q} --settings {params.settings:q} --out-prefix"
+        " results/patching/{wildcards.model}/{wildcards.ckpt}/{wildcards.dataset}"
+        " --batch-size {params.batch} --threads {threads}"
+        " --dtype {params.dtype} --compute {params.compute:q} --record {output.record:q}"
+
+
 rule aggregate_interventions:
     input:
-        PLAN.intervene_jobs_arg()[1],
+        settings=PLAN.intervene_jobs_arg()[1],
+        patching=PLAN.patch_jobs_arg()[1],
     output:
         **table_paths(report_interventions.TABLES),
     log:
@@ -52,6 +119,8 @@ rule aggregate_interventions:
         python=python_of("core"),
         out_dir=get_out_dir,
         jobs=PLAN.intervene_jobs_arg()[0],
+        patch_jobs=PLAN.patch_jobs_arg()[0],
     shell:
         "{params.python:q} -m reasonlab aggregate-interventions --log {log:q} --jobs {params.jobs:q}"
-        " --paths {input:q} --out-dir {params.out_dir}"
+        " --paths {input.settings:q} --patch-jobs {params.patch_jobs:q}"
+        " --patch-paths {input.patching:q} --out-dir {params.out_dir}"

@@ -395,10 +395,12 @@ def curve_chart(
     tooltip: tuple[str, ...] = (),
     width: int = 300,
     height: int = 180,
+    independent_y: bool = False,
 ) -> VegaLite | Html:
     """One curve of `y` over `x` per model x checkpoint (a distribution, a quantity over
     generation steps, a loss over training steps): colour is the model, the shade the
-    checkpoint's position in its run (light = early); one panel per data set (or per `facet`).
+    checkpoint's position in its run (light = early); one panel per data set (or per `facet`;
+    `independent_y`: each panel its own y scale, for panels of different measures).
     `step` draws a histogram's steps. Filtered by all three selectors; a few checkpoints first."""
     import altair as alt
 
@@ -437,7 +439,12 @@ def curve_chart(
         .properties(width=width, height=height)
     )
     chart = _facet(chart, data, sel, facet, columns).properties(title=_title(title))
+    if independent_y:
+        chart = chart.resolve_scale(y="independent")
     return _finish(chart, sel, _keys(data, sel, with_ckpt=True))
+
+
+DIVERGING = ("redblue", "blueorange", "purpleorange", "redyellowblue", "spectral")
 
 
 def heatmap(
@@ -454,10 +461,16 @@ def heatmap(
     columns: int = 3,
     width: int = 200,
     height: int = 180,
+    x_sort: list | None = None,
+    y_sort: list | None = None,
+    facet_sort: list | None = None,
+    scheme: str = "viridis",
 ) -> VegaLite | Html:
     """A grid of `color` over (x, y) — candidates by layer and position, CKA by layer pair, cosines
     between checkpoints — one panel per `facet`; filtered by the section's selectors (`sel`; None:
-    unfiltered). Layers (a `y` whose name starts with "layer") grow upwards."""
+    unfiltered). Layers (a `y` whose name starts with "layer") grow upwards; `x_sort`/`y_sort`/
+    `facet_sort`: the categories' order; `scheme`: a Vega colour scheme (a diverging one, such as "redblue",
+    is centred on 0)."""
     import altair as alt
 
     data = usable(df, x, y, color)
@@ -465,23 +478,26 @@ def heatmap(
         return nothing(f"{title} (no values)")
     if sel is not None:
         data = run_positions(data)
-    scale = (
-        alt.Scale(scheme="viridis", domain=list(domain)) if domain else alt.Scale(scheme="viridis")
-    )
+    scale = alt.Scale(scheme=scheme, **({"domain": list(domain)} if domain else {}),
+                      **({"domainMid": 0} if scheme in DIVERGING else {}))  # fmt: skip
+    y_order = y_sort or ("descending" if y.startswith("layer") else "ascending")
     tips = [c for c in ("model", "ckpt", facet, x, y, color, *tooltip) if c and c in data.columns]
     chart = (
         alt.Chart(data)
         .mark_rect()
         .encode(
-            x=alt.X(f"{x}:O", title=x),
-            y=alt.Y(f"{y}:O", title=y, sort="descending" if y.startswith("layer") else "ascending"),
+            x=alt.X(f"{x}:O", title=x, sort=x_sort or "ascending"),
+            y=alt.Y(f"{y}:O", title=y, sort=y_order),
             color=alt.Color(f"{color}:Q", scale=scale, title=color),
             tooltip=list(dict.fromkeys(tips)),
         )
         .properties(width=width, height=height)
     )
     if facet:
-        chart = chart.facet(facet=alt.Facet(f"{facet}:N", title=None), columns=columns)
+        chart = chart.facet(
+            facet=alt.Facet(f"{facet}:N", title=None, sort=facet_sort or "ascending"),
+            columns=columns,
+        )
     chart = chart.properties(title=_title(title))
     if sel is None:
         return VegaLite(_spec(chart))
