@@ -35,6 +35,7 @@ def test_demo_config_is_valid():
         "demo-control",
         "demo-pretrain",
         "demo-traces",
+        "demo-pairs",
     }
     # a list of checkpoint names becomes a mapping, each name to null (the run's own layout)
     names = DEMO["models"]["tiny"]["checkpoints"]
@@ -379,3 +380,23 @@ def test_intervention_specs_name_what_they_use():
     assert "interventions.specs.s.strengths: give the strengths to sweep" in err
     assert "interventions.specs.l.layers: list the decoder layers to ablate" in err
     assert "interventions.specs.l.methods: give zero, mean or both" in err
+
+
+def test_transfer_and_patching_name_what_they_use():
+    cfg = copy.deepcopy(DEMO)
+    cfg["interventions"]["transfer"] = {"spec": "ablate",
+                                        "pairs": [["tiny/nope", "tiny/final"], ["tiny-high/final", "tiny/final"]]}  # fmt: skip
+    cfg["interventions"]["patching"] = {"dataset": "nope"}
+    err = error_of(cfg)
+    assert (
+        "interventions.transfer.spec: 'ablate' is not a steer spec under interventions.specs (steer specs: steer)"
+        in err
+    )
+    assert (
+        "interventions.transfer.pairs[0][0]: 'tiny/nope' is not a <model>/<ckpt> defined under models"
+        in err
+    )
+    assert (
+        "interventions.transfer.pairs[1][0]: model 'tiny-high' is not in activations.models" in err
+    )
+    assert "interventions.patching.dataset: 'nope' is not defined under datasets" in err

@@ -342,3 +342,64 @@ def test_an_intervene_job_writes_graded_settings_and_their_summary(tiny_model_di
                       tmp_path / "t3.parquet", tmp_path / "st3.parquet",
                       chosen_path=tmp_path / "chosen.json", pt_path=tmp_path / "d.pt",
                       progress=False)  # fmt: skip
+
+
+def test_a_relative_steer_job_scales_by_the_norm_and_records_marker_log_odds(
+    tiny_model_dir, tmp_path
+):
+    """The job's relative strength is a multiple of the mean residual norm on its own prompts
+    (recomputed here with plain hidden states), and the marker log-odds of the first generated
+    token are those of an unpadded forward of each prompt."""
+    import json
+
+    import numpy as np
+    import polars as pl
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reasonlab import data, synth
+    from reasonlab.intervene import intervene_job, mean_interval
+    from reasonlab.models import resolve, write_handle
+
+    h = resolve("tiny", "base", {"source": str(tiny_model_dir), "checkpoints": {"base": None},
+                                 "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
+    write_handle(h, tmp_path / "h.json")
+    rows = synth.build_demo_data(0, synth.DemoSizes(eval=6, pool_per_type=1, control=1, pretrain=1))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["eval"]))
+    prepared = data.prepare({"source": str(tmp_path / "eval.jsonl"), "format": "math"}, "e")
+    data.write_prepared(prepared, tmp_path / "e.parquet", tmp_path / "r.jsonl", tmp_path / "s.json")
+    (tmp_path / "chosen.json").write_text(
+        json.dumps({"chosen": {"position": "last_prompt", "layer": 1}})
+    )
+    d = torch.randn(128, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.save(
+        {"chosen": {"position": "last_prompt", "layer": 1, "direction": d}}, tmp_path / "d.pt"
+    )
+    steer = {"kind": "steer", "layers": "chosen", "strengths": [0.5], "max_prompts": 4,
+             "max_new_tokens": 3, "markers": ["<think>", "Step"]}  # fmt: skip
+    intervene_job(tmp_path / "h.json", tmp_path / "e.parquet", "s", steer, tmp_path / "t.parquet",
+                  tmp_path / "st.parquet", chosen_path=tmp_path / "chosen.json",
+                  pt_path=tmp_path / "d.pt", progress=False)  # fmt: skip
+    st, table = pl.read_parquet(tmp_path / "st.parquet"), pl.read_parquet(tmp_path / "t.parquet")
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    norms, odds = [], []
+    base = table.filter(pl.col("setting") == "baseline")
+    for ids in base["prompt_ids"].to_list():
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        norms += torch.linalg.vector_norm(out.hidden_states[1][0].double(), dim=-1).tolist()
+        lp = torch.log_softmax(out.logits[0, -1].double(), -1)
+        marks = [tok("<think>", add_special_tokens=False)["input_ids"][0],
+                 tok("Step", add_special_tokens=False)["input_ids"][0]]  # fmt: skip
+        p = float(torch.logsumexp(lp[marks], 0).exp())
+        odds.append(np.log(p / (1 - p)))
+    row = st.filter(pl.col("setting") == "steer +0.5").row(0, named=True)
+    assert row["scale"] == "relative" and row["norm"] == pytest.approx(np.mean(norms), rel=1e-5)
+    assert base["marker_logodds"].to_list() == pytest.approx(odds, abs=1e-3)
+    b = st.filter(pl.col("setting") == "baseline").row(0, named=True)
+    assert (b["logodds_ci_low"], b["logodds_ci_high"]) == pytest.approx(
+        mean_interval(odds), abs=1e-3
+    )
+    lo, hi = mean_interval([1.0, 2.0, 3.0])
+    assert (lo, hi) == pytest.approx((2 - 1.96 / 3**0.5, 2 + 1.96 / 3**0.5))
+    assert mean_interval([1.0]) == (None, None)

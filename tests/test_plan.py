@@ -64,6 +64,13 @@ def every_job_value(p: Plan) -> dict:
         out[("lens", m, c, d)] = (p.lens_settings(), p.compute_dtype("lens", m))
     for j in p.cka_jobs:
         out[("cka", *j)] = p.cka_inputs(*j)
+    for m, c, k in p.intervene_jobs:
+        out[("intervene", m, c, k)] = (p.intervene_settings(k), p.intervene_inputs(m, c, k),
+                                       p.compute_dtype("intervene", m))  # fmt: skip
+    for j in p.transfer_jobs:
+        out[("transfer", *j)] = (p.transfer_settings(*j[2:]), p.transfer_inputs(*j))
+    for j in p.patch_jobs:
+        out[("patch", *j)] = (p.patch_settings(), p.compute_dtype("patch", j[0]))
     return out
 
 
@@ -139,6 +146,9 @@ def test_key_order_changes_no_value():
         ("directions", "threads", 2),
         ("lens", "threads", 2),
         ("lens", "device_map", "auto"),
+        ("interventions", "batch_size", 3),
+        ("interventions", "threads", 2),
+        ("interventions", "device", "cpu"),
     ],
 )
 def test_speed_settings_change_no_job_value(section, key, value):
@@ -149,11 +159,12 @@ def test_speed_settings_change_no_job_value(section, key, value):
     assert every_job_value(changed) == every_job_value(base)
     assert config_hash(results_config(changed.config)) == config_hash(results_config(base.config))
     # ... yet the job still receives the setting, on its command line
-    rules = {"generation": "generate", "activations": "capture_activations"}
+    rules = {"generation": "generate", "activations": "capture_activations",
+             "interventions": "intervene"}  # fmt: skip
     if key in ("device", "device_map"):
         rule = rules.get(section, section if section in ("directions", "lens") else "score")
         assert json.loads(changed.compute_placement(rule, "tiny"))[key] == value
-    elif key not in ("threads", "store"):
+    elif key not in ("threads", "store") and section != "interventions":
         projection = {"score": changed.score_options, "generation": changed.gen_options,
                       "activations": changed.capture_options, "directions": changed.direction_options}  # fmt: skip
         assert json.loads(projection[section]()[1])[key] == value
@@ -218,10 +229,11 @@ def test_compute_records_cover_every_model_loading_job():
     p = plan_of()
     records = p.compute_records()
     n = (len(p.gen_jobs) + len(p.score_jobs) + len(p.capture_jobs) + len(p.direction_jobs)
-         + len(p.lens_jobs) + len(p.intervene_jobs))  # fmt: skip
+         + len(p.lens_jobs) + len(p.intervene_jobs) + len(p.transfer_jobs) + len(p.patch_jobs))  # fmt: skip
     assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 3 * 3  # 3 sets
     assert len(p.direction_jobs) == len(p.lens_jobs) == len(p.probe_jobs) == 3
     assert len(p.intervene_jobs) == 3 * 2  # tiny's checkpoints x the demo's two specs
+    assert len(p.transfer_jobs) == 3 * 2 and len(p.patch_jobs) == 3
     assert p.intervene_inputs("tiny", "final", "steer")["chosen"] == (
         "results/directions/tiny/final/reasoning/chosen.json"
     )
@@ -347,3 +359,43 @@ def test_canonical_and_json():
     a = {"b": [{"y": 1, "x": 2}], "a": None}
     assert list(canonical(a)) == ["a", "b"] and list(canonical(a)["b"][0]) == ["x", "y"]
     assert as_json(a) == as_json(dict(reversed(list(a.items()))))
+
+
+def test_transfer_and_patching_plan_only_their_pairs_and_checkpoints():
+    p = plan_of()
+    ckpts = DEMO["models"]["tiny"]["checkpoints"]
+    assert sorted(p.transfer_jobs) == sorted(
+        ("tiny", t, "steer", "tiny", s) for t in ckpts for s in ckpts if s != t
+    )
+    assert p.transfer_inputs("tiny", "final", "steer", "tiny", "step-200") == {
+        "handle": "results/models/tiny/final.json",
+        "data": "results/data/demo-eval.parquet",
+        "chosen": "results/directions/tiny/step-200/reasoning/chosen.json",
+        "pt": "results/directions/tiny/step-200/reasoning/reasoning_directions.pt",
+    }
+    t = json.loads(p.transfer_settings("steer", "tiny", "step-200"))
+    assert t["source"] == "tiny/step-200" and t["layers"] == "chosen"
+    assert t["strengths"] == DEMO["interventions"]["specs"]["steer"]["strengths"]
+    assert p.patch_jobs == [("tiny", c, "demo-pairs") for c in ckpts]
+
+    def more(cfg):  # one more checkpoint: only the jobs that involve it are new
+        cfg["models"]["tiny"]["checkpoints"] = [*ckpts, "step-600"]
+        cfg["training"]["tiny-pt"]["llamafactory"]["save_steps"] = 100
+
+    q = plan_of(more)
+    new = set(q.transfer_jobs) - set(p.transfer_jobs)
+    assert set(p.transfer_jobs) <= set(q.transfer_jobs)
+    assert new and all("step-600" in (j[1], j[4]) for j in new) and len(new) == 2 * len(ckpts)
+    assert set(q.patch_jobs) - set(p.patch_jobs) == {("tiny", "step-600", "demo-pairs")}
+
+    def pairs(cfg):
+        cfg["interventions"]["transfer"] = {"spec": "steer", "pairs": [["tiny/final", "tiny/step-200"]],
+                                            "strengths": [0.1]}  # fmt: skip
+        cfg["interventions"]["patching"]["batch_size"] = 7
+
+    r = plan_of(pairs)
+    assert r.transfer_jobs == [("tiny", "step-200", "steer", "tiny", "final")]
+    assert json.loads(r.transfer_settings("steer", "tiny", "final"))["strengths"] == [0.1]
+    # the patching batch size is speed only: no job value or report hash changes
+    assert r.patch_settings() == p.patch_settings()
+    assert "batch_size" not in results_config(r.config)["interventions"]["patching"]

@@ -38,6 +38,8 @@ GPU_RULES = {
     "directions",
     "lens",
     "intervene",
+    "transfer",
+    "patch",
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 from reasonlab import synth
 from reasonlab.answers import last_boxed
 
-SMALL = synth.DemoSizes(pool_per_type=12, eval=30, control=20, pretrain=60, traces=40)
+SMALL = synth.DemoSizes(pool_per_type=12, eval=30, control=20, pretrain=60, traces=40, pairs=10)
 STEP = re.compile(r"^Step \d+: .*: (\d+) ([-+*/]) (\d+) = (-?\d+)\.$")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 WORD_VALUES = {
@@ -168,10 +168,11 @@ def test_unknown_style_is_an_error():
 def test_write_and_read_back(tmp_path):
     paths = {
         k: tmp_path / f"{k}.{'json' if k == 'pool' else 'jsonl'}"
-        for k in ("pool", "eval", "control", "pretrain", "traces")
+        for k in ("pool", "eval", "control", "pretrain", "traces", "pairs")
     }
     counts = synth.write_demo_data(paths, 0, SMALL)
-    assert counts == {"pool": 48, "eval": 30, "control": 20, "pretrain": 80, "traces": 40}
+    assert counts == {"pool": 48, "eval": 30, "control": 20, "pretrain": 80, "traces": 40,
+                      "pairs": 20}  # fmt: skip
     assert synth.read_demo_files(paths) == synth.build_demo_data(0, SMALL)
 
 
@@ -201,10 +202,36 @@ def test_traces_are_balanced_unseen_and_differ_only_in_the_arithmetic():
 
 
 def test_traces_leave_the_other_sets_unchanged():
+    # (the pairs are drawn after the traces and avoid their problems: they may change)
     a = synth.build_demo_data(0, SMALL)
     b = synth.build_demo_data(0, synth.DemoSizes(**{**SMALL.__dict__, "traces": 2}))
-    assert {k: v for k, v in a.items() if k != "traces"} == {
-        k: v for k, v in b.items() if k != "traces"
+    assert {k: v for k, v in a.items() if k not in ("traces", "pairs")} == {
+        k: v for k, v in b.items() if k not in ("traces", "pairs")
+    }
+
+
+def test_pairs_differ_in_one_number_are_unseen_and_leave_the_other_sets_unchanged():
+    d = synth.build_demo_data(0, SMALL)
+    rows = d["pairs"]
+    assert len(rows) == 2 * SMALL.pairs
+    seen = {r["problem"] for r in d["eval"]} | {r["input"] for r in d["pool"] + d["traces"]}
+    pretrain = "\n".join(r["text"] for r in d["pretrain"])
+    for clean, bad in zip(rows[::2], rows[1::2], strict=True):
+        assert (clean["role"], bad["role"]) == ("clean", "corrupted") and clean["pair"] == bad[
+            "pair"
+        ]
+        assert clean["problem"] not in seen and clean["problem"] not in pretrain
+        a, b = re.findall(r"\d+", clean["problem"]), re.findall(r"\d+", bad["problem"])
+        assert len(a) == len(b) == 1 and a != b  # one numeral, changed
+        assert re.sub(r"\d+", "N", clean["problem"]) == re.sub(r"\d+", "N", bad["problem"])
+        assert clean["answer"] != bad["answer"]
+        for r in (clean, bad):  # each side's solution is right, and the two align character-wise
+            assert str(check_arithmetic(r["solution"])) == last_boxed(r["solution"]) == r["answer"]
+        assert len(clean["solution"]) == len(bad["solution"])
+        assert re.sub(r"\d", "N", clean["solution"]) == re.sub(r"\d", "N", bad["solution"])
+    other = synth.build_demo_data(0, synth.DemoSizes(**{**SMALL.__dict__, "pairs": 3}))
+    assert {k: v for k, v in d.items() if k != "pairs"} == {
+        k: v for k, v in other.items() if k != "pairs"
     }
 
 

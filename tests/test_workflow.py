@@ -25,7 +25,8 @@ N_SETS = len(DEMO["activations"]["prompt_sets"])
 ANALYSES = {"capture_activations": len(TINY) * N_SETS, "directions": len(TINY) * len(DEMO["directions"]["contrasts"]),
             "probes": len(TINY), "lens": len(TINY) * len(DEMO["lens"]["datasets"]), "cka": len(TINY) - 1,
             "aggregate_activations": 1,
-            "intervene": len(TINY) * len(DEMO["interventions"]["specs"]), "aggregate_interventions": 1}  # fmt: skip
+            "intervene": len(TINY) * len(DEMO["interventions"]["specs"]), "aggregate_interventions": 1,
+            "transfer": len(TINY) * (len(TINY) - 1), "patch": len(TINY)}  # fmt: skip
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -69,6 +70,7 @@ def test_report_content(demo):
         "demo-control": sizes["control"],
         "demo-pretrain": sizes["pretrain"] + sizes["control"],
         "demo-traces": sizes["traces"],
+        "demo-pairs": 2 * sizes["pairs"],
     }
 
 
@@ -245,7 +247,7 @@ def test_speed_settings_rerun_nothing(scratch):
         "compute": {"device": "cpu", "device_map": "auto"},
         "activations": {"batch_size": 3, "threads": 2, "store": "results/activations/other-store"},
         "directions": {"batch_size": 2, "threads": 2}, "lens": {"threads": 2},
-        "interventions": {"batch_size": 4, "threads": 2, "device": "cpu"},
+        "interventions": {"batch_size": 4, "threads": 2, "device": "cpu", "patching": {"batch_size": 8}},
     }, name="speed.yaml")  # fmt: skip
     assert planned(scratch, "--configfile", "config.yaml", str(extra)) == Counter()
     # ... while a setting that changes results re-runs its stage
@@ -467,9 +469,10 @@ def test_interventions_sweep_every_checkpoint_with_its_baseline(demo):
     iv = DEMO["interventions"]
     settings = pl.read_parquet(demo / "results/aggregate/int_settings.parquet")
     n_settings = {"steer": 1 + len(iv["specs"]["steer"]["strengths"]), "ablate": 2}
+    own = settings.filter(~pl.col("transfer"))
     for ckpt in TINY:
         for spec, n in n_settings.items():
-            part = settings.filter((pl.col("ckpt") == ckpt) & (pl.col("spec") == spec))
+            part = own.filter((pl.col("ckpt") == ckpt) & (pl.col("spec") == spec))
             assert part.height == n and set(part["status"]) == {"ok"}, part
             table = pl.read_parquet(
                 demo / f"results/interventions/tiny/{ckpt}/{spec}.table.parquet"
@@ -484,3 +487,37 @@ def test_interventions_sweep_every_checkpoint_with_its_baseline(demo):
                 rows = table.filter(pl.col("setting") == row["setting"])
                 assert row["accuracy"] == rows["correct"].fill_null(False).mean()
     assert 'id="interventions"' in (demo / "results/report.html").read_text()
+
+
+def test_transfer_and_patching_run_on_every_checkpoint(demo):
+    """Each checkpoint steered with every other checkpoint's direction: its baseline is the same
+    greedy generation as its own steer job's (token for token), at the source's chosen layer and
+    the target's own norm; patching: every usable pair, and at the embedding site the positions
+    whose tokens are the same in both prompts change nothing."""
+    settings = pl.read_parquet(demo / "results/aggregate/int_settings.parquet")
+    moved = settings.filter(pl.col("transfer"))
+    n = 1 + len(DEMO["interventions"]["specs"]["steer"]["strengths"])
+    assert moved.height == len(TINY) * (len(TINY) - 1) * n and set(moved["status"]) == {"ok"}
+    for target in TINY:
+        own = pl.read_parquet(demo / f"results/interventions/tiny/{target}/steer.table.parquet")
+        own_base = own.filter(pl.col("setting") == "baseline").sort("id")
+        for source in TINY:
+            if source == target:
+                continue
+            t = pl.read_parquet(
+                demo / f"results/transfer/tiny/{target}/steer/tiny/{source}.table.parquet"
+            )
+            base = t.filter(pl.col("setting") == "baseline").sort("id")
+            assert base["token_ids"].to_list() == own_base["token_ids"].to_list()
+            chosen = json.loads(
+                (demo / f"results/directions/tiny/{source}/reasoning/chosen.json").read_text()
+            )
+            steered = t.filter(pl.col("kind") == "steer")
+            assert set(steered["layers"]) == {str(chosen["chosen"]["layer"])}
+    patching = pl.read_parquet(demo / "results/aggregate/int_patching.parquet")
+    assert set(patching["ckpt"]) == set(TINY)
+    assert set(patching["n_pairs"]) == {DEMO["interventions"]["patching"]["max_pairs"]}
+    same = patching.filter(
+        (pl.col("site") == 0) & pl.col("group").is_in(["prompt", "trace", "last"])
+    )
+    assert same.height == 3 * len(TINY) and same["effect"].abs().max() < 1e-5

@@ -76,9 +76,10 @@ def pair_rows(data, where: str = "") -> list[tuple[str, dict, dict]]:
             raise PatchingError(
                 f"{where}: row {r['id']!r} has role {role!r}; expected clean or corrupted"
             )
-        slot = pairs.setdefault(str(meta["pair"]), {})
+        key = str(meta["pair"])
+        slot = pairs.setdefault(key, {})
         if role in slot:
-            raise PatchingError(f"{where}: pair {meta['pair']!r} has two {role} rows "
+            raise PatchingError(f"{where}: pair {key!r} has two {role} rows "
                                 f"({slot[role]['id']!r}, {r['id']!r})")  # fmt: skip
         slot[role] = r
     out = []
