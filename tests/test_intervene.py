@@ -287,6 +287,12 @@ def test_a_sweep_records_each_setting_with_entropy_and_first_token_kl(tiny_model
         assert r["entropy_mean"] == pytest.approx(ent.mean().item(), rel=1e-4, abs=1e-5)
     with pytest.raises(InterventionError, match="unknown intervention kind 'boost'"):
         sweep_settings("boost")
+    per_layer = sweep_settings("ablate_layer", layers=[0, 2], methods=["zero", "mean"])
+    assert [(s.name, s.layers) for s in per_layer[1:]] == [
+        ("zero layers 0", (0,)), ("zero layers 2", (2,)), ("mean layers 0", (0,)), ("mean layers 2", (2,))
+    ]  # fmt: skip
+    joint = sweep_settings("ablate_layer", layers=[0, 2], methods=["zero"], jointly=True)
+    assert [(s.name, s.layers) for s in joint[1:]] == [("zero layers 0,2", (0, 2))]
 
 
 def test_an_intervene_job_writes_graded_settings_and_their_summary(tiny_model_dir, tmp_path):

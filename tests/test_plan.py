@@ -232,7 +232,7 @@ def test_compute_records_cover_every_model_loading_job():
          + len(p.lens_jobs) + len(p.intervene_jobs) + len(p.transfer_jobs) + len(p.patch_jobs))  # fmt: skip
     assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 3 * 3  # 3 sets
     assert len(p.direction_jobs) == len(p.lens_jobs) == len(p.probe_jobs) == 3
-    assert len(p.intervene_jobs) == 3 * 2  # tiny's checkpoints x the demo's two specs
+    assert len(p.intervene_jobs) == 3 * 3  # tiny's checkpoints x the demo's three specs
     assert len(p.transfer_jobs) == 3 * 2 and len(p.patch_jobs) == 3
     assert p.intervene_inputs("tiny", "final", "steer")["chosen"] == (
         "results/directions/tiny/final/reasoning/chosen.json"
@@ -375,7 +375,7 @@ def test_transfer_and_patching_plan_only_their_pairs_and_checkpoints():
     }
     t = json.loads(p.transfer_settings("steer", "tiny", "step-200"))
     assert t["source"] == "tiny/step-200" and t["layers"] == "chosen"
-    assert t["strengths"] == DEMO["interventions"]["specs"]["steer"]["strengths"]
+    assert t["strengths"] == DEMO["interventions"]["transfer"]["strengths"]
     assert p.patch_jobs == [("tiny", c, "demo-pairs") for c in ckpts]
 
     def more(cfg):  # one more checkpoint: only the jobs that involve it are new
@@ -390,12 +390,15 @@ def test_transfer_and_patching_plan_only_their_pairs_and_checkpoints():
 
     def pairs(cfg):
         cfg["interventions"]["transfer"] = {"spec": "steer", "pairs": [["tiny/final", "tiny/step-200"]],
-                                            "strengths": [0.1]}  # fmt: skip
+                                            "strengths": None}  # fmt: skip
         cfg["interventions"]["patching"]["batch_size"] = 7
 
     r = plan_of(pairs)
     assert r.transfer_jobs == [("tiny", "step-200", "steer", "tiny", "final")]
-    assert json.loads(r.transfer_settings("steer", "tiny", "final"))["strengths"] == [0.1]
+    assert (
+        json.loads(r.transfer_settings("steer", "tiny", "final"))["strengths"]
+        == (DEMO["interventions"]["specs"]["steer"]["strengths"])
+    )  # null: the spec's
     # the patching batch size is speed only: no job value or report hash changes
     assert r.patch_settings() == p.patch_settings()
     assert "batch_size" not in results_config(r.config)["interventions"]["patching"]

@@ -468,7 +468,11 @@ def test_interventions_sweep_every_checkpoint_with_its_baseline(demo):
     token), and the summary is its table's."""
     iv = DEMO["interventions"]
     settings = pl.read_parquet(demo / "results/aggregate/int_settings.parquet")
-    n_settings = {"steer": 1 + len(iv["specs"]["steer"]["strengths"]), "ablate": 2}
+    n_settings = {
+        "steer": 1 + len(iv["specs"]["steer"]["strengths"]),
+        "ablate": 2,
+        "layers": 1 + len(iv["specs"]["layers"]["layers"]),
+    }  # one per layer (zero)
     own = settings.filter(~pl.col("transfer"))
     for ckpt in TINY:
         for spec, n in n_settings.items():
@@ -496,7 +500,7 @@ def test_transfer_and_patching_run_on_every_checkpoint(demo):
     whose tokens are the same in both prompts change nothing."""
     settings = pl.read_parquet(demo / "results/aggregate/int_settings.parquet")
     moved = settings.filter(pl.col("transfer"))
-    n = 1 + len(DEMO["interventions"]["specs"]["steer"]["strengths"])
+    n = 1 + len(DEMO["interventions"]["transfer"]["strengths"])
     assert moved.height == len(TINY) * (len(TINY) - 1) * n and set(moved["status"]) == {"ok"}
     for target in TINY:
         own = pl.read_parquet(demo / f"results/interventions/tiny/{target}/steer.table.parquet")

@@ -469,9 +469,10 @@ class Setting:
     method: str | None = None  # ablate_layer: zero | mean
 
 
-def sweep_settings(kind: str, layers=(), strengths=(), methods=()) -> list[Setting]:
-    """The baseline, then one setting per strength (steer), the ablation (ablate_direction) or one
-    per method (ablate_layer)."""
+def sweep_settings(kind: str, layers=(), strengths=(), methods=(), jointly: bool = False
+                   ) -> list[Setting]:  # fmt: skip
+    """The baseline, then one setting per strength (steer), the ablation (ablate_direction), or per
+    method × layer (ablate_layer; `jointly`: per method, every listed layer at once)."""
     out = [Setting("baseline", "baseline")]
     layers = tuple(layers)
     if kind == "steer":
@@ -479,9 +480,11 @@ def sweep_settings(kind: str, layers=(), strengths=(), methods=()) -> list[Setti
     elif kind == "ablate_direction":
         out.append(Setting("ablate direction", kind))
     elif kind == "ablate_layer":
+        groups = [layers] if jointly else [(layer,) for layer in layers]
         out += [
-            Setting(f"{m} layers {','.join(map(str, layers))}", kind, None, layers, m)
+            Setting(f"{m} layers {','.join(map(str, g))}", kind, None, g, m)
             for m in methods
+            for g in groups
         ]
     else:
         raise InterventionError(
@@ -657,9 +660,8 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
         direction, chosen = read_chosen_direction(chosen_path, pt_path, where)
     if layers == "chosen":
         layers = [chosen["layer"]] if chosen.get("layer") is not None else []
-    plan = sweep_settings(
-        kind, layers, settings.get("strengths") or [], settings.get("methods") or []
-    )
+    plan = sweep_settings(kind, layers, settings.get("strengths") or [],
+                          settings.get("methods") or [], bool(settings.get("jointly")))  # fmt: skip
     t0 = time.perf_counter()
     norms = means = markers = None
     if kind != "ablate_layer" and direction is None:
