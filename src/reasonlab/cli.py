@@ -497,30 +497,42 @@ def aggregate_activations(a, log):
 # ----------------------------------------------------------------------------- interventions
 
 
+def _intervene_arguments(p):
+    p.add_argument("--handle", required=True)
+    p.add_argument("--data", required=True, help="a prepared dataset")
+    p.add_argument("--spec", required=True, help="the spec's name (interventions.specs)")
+    p.add_argument("--settings", type=_json, default={}, help="the spec and its options (JSON)")
+    p.add_argument("--chosen", help="the directions job's chosen.json")
+    p.add_argument("--pt", help="the directions job's reasoning_directions.pt")
+    p.add_argument("--table", required=True)
+    p.add_argument("--settings-table", required=True)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (speed only)")
+    p.add_argument("--threads", type=int)
+    _compute_arguments(p)
+
+
 @step(
     "intervene",
     "an intervention spec (steering sweep or ablation) on a dataset under one checkpoint",
-    lambda p: (
-        p.add_argument("--handle", required=True),
-        p.add_argument("--data", required=True, help="a prepared dataset"),
-        p.add_argument("--spec", required=True, help="the spec's name (interventions.specs)"),
-        p.add_argument(
-            "--settings", type=_json, default={}, help="the spec and its options (JSON)"
-        ),
-        p.add_argument("--chosen", help="the directions job's chosen.json"),
-        p.add_argument("--pt", help="the directions job's reasoning_directions.pt"),
-        p.add_argument("--table", required=True),
-        p.add_argument("--settings-table", required=True),
-        p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (speed only)"),
-        p.add_argument("--threads", type=int),
-        _compute_arguments(p),
-    ),
+    _intervene_arguments,
 )
 def intervene(a, log):
     from reasonlab.intervene import intervene_job
 
     intervene_job(a.handle, a.data, a.spec, {**a.settings, "batch_size": a.batch_size}, a.table,
                   a.settings_table, a.chosen, a.pt, a.threads, _request(a), a.record)  # fmt: skip
+
+
+@step(
+    "transfer",
+    "a steer spec under one checkpoint with the direction chosen at another (settings: source)",
+    _intervene_arguments,
+)
+def transfer(a, log):
+    if not a.settings.get("source") or not a.chosen:
+        raise SystemExit("reasonlab transfer: give --chosen/--pt of the source checkpoint and "
+                         "its name as settings.source")  # fmt: skip
+    intervene(a, log)
 
 
 @step(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reasonlab import ReasonlabError
-from reasonlab.intervene import kl_rows
+from reasonlab.intervene import kl_rows, log_odds, marker_ids
 from reasonlab.options import speed
 
 
@@ -72,18 +72,6 @@ def side_mean(index, store, position: str, rows, chunk: int = 256) -> np.ndarray
     return total / n
 
 
-def marker_ids(tokenizer, markers) -> list[int]:
-    """The first token of each marker string (deduplicated, in order)."""
-    out = []
-    for m in markers:
-        ids = tokenizer(m, add_special_tokens=False)["input_ids"]
-        if ids and ids[0] not in out:
-            out.append(ids[0])
-    if not out:
-        raise DirectionError(f"directions.markers: none of {list(markers)} encodes to a token")
-    return out
-
-
 def last_token_logprobs(model, tokenizer, prompts: list[list[int]], batch_size: int = 16):
     """[prompts, vocab] float32 log-probabilities of the next token after each prompt."""
     import torch
@@ -104,14 +92,6 @@ def last_token_logprobs(model, tokenizer, prompts: list[list[int]], batch_size: 
                            use_cache=False, logits_to_keep=1).logits[:, -1]  # fmt: skip
         out.append(torch.log_softmax(logits.float(), -1).cpu())
     return torch.cat(out)
-
-
-def log_odds(logp, ids: list[int]) -> np.ndarray:
-    """Per row: log(p / (1 - p)) of the markers' total probability p."""
-    import torch
-
-    lp = torch.logsumexp(logp[:, ids], -1).double()
-    return (lp - torch.log1p(-lp.exp().clamp(max=1 - 1e-12))).numpy()
 
 
 def score_candidates(model, tokenizer, candidates: list[dict], pos_prompts, neg_prompts,

@@ -449,6 +449,26 @@ def mean_interval(values) -> tuple[float | None, float | None]:
 # ------------------------------------------------------------------------------ sweeps
 
 
+def marker_ids(tokenizer, markers) -> list[int]:
+    """The first token of each marker string (deduplicated, in order)."""
+    out = []
+    for m in markers:
+        ids = tokenizer(m, add_special_tokens=False)["input_ids"]
+        if ids and ids[0] not in out:
+            out.append(ids[0])
+    if not out:
+        raise InterventionError(f"directions.markers: none of {list(markers)} encodes to a token")
+    return out
+
+
+def log_odds(logp, ids: list[int]) -> np.ndarray:
+    """Per row: log(p / (1 - p)) of the markers' total probability p."""
+    import torch
+
+    lp = torch.logsumexp(logp[:, ids], -1).double()
+    return (lp - torch.log1p(-lp.exp().clamp(max=1 - 1e-12))).numpy()
+
+
 def kl_rows(base, other):
     """Per row KL(base || other) of two [rows, vocab] log-probability tensors, as a numpy array."""
     import torch
@@ -523,7 +543,6 @@ def sweep(model, tokenizer, prompts: list[str], settings: list[Setting], opts, d
     status row and no records, never a crashed job."""
     import torch
 
-    from reasonlab.directions import log_odds
     from reasonlab.generate import hf_generate
     from reasonlab.models import input_device
     from reasonlab.score import token_stats
@@ -677,8 +696,6 @@ def intervene_job(handle_path, data_path, spec_name: str, settings: dict, table_
                 # the strengths are multiples of the mean residual norm on the swept prompts
                 norms = mean_residual_norms(model, prompt_batches(model, tok, prompts), layers)
             if settings.get("markers"):
-                from reasonlab.directions import marker_ids
-
                 markers = marker_ids(tok, settings["markers"])
             records, status = sweep(model, tok, prompts, plan, opts, direction=direction,
                                     norms=norms, means=means, markers=markers,

@@ -59,7 +59,7 @@ rule transfer:
         dtype=compute_dtype("transfer"),
         compute=compute_placement("transfer"),
     shell:
-        "{params.python:q} -m reasonlab intervene --log {log:q} --handle {input.handle:q}"
+        "{params.python:q} -m reasonlab transfer --log {log:q} --handle {input.handle:q}"
         " --data {input.data:q} --spec {wildcards.spec:q} --settings {params.settings:q}"
         " --chosen {input.chosen:q} --pt {input.pt:q}"
         " --table {output.table:q} --settings-table {output.settings:q}"
