@@ -6,6 +6,7 @@ import pytest
 import torch
 from test_activations import random_model
 
+from reasonlab import synth
 from reasonlab.activations import ActivationError, decoder_parts, forward_sites, residual_writers
 from reasonlab.intervene import (
     DirectionAblator,
@@ -19,6 +20,26 @@ from reasonlab.intervene import (
 )
 
 ARCHS = ["qwen2", "gpt2"]  # a block returning a tensor, and one returning a tuple
+
+
+SMALL = synth.DemoSizes(eval=6, pool_per_type=1, control=1, pretrain=1, pairs=8)
+
+
+def job_inputs(model_dir, tmp_path, rows: list[dict], name: str) -> None:
+    """What a job reads: `h.json` (a handle of `model_dir`) and `{name}.parquet` (rows, MATH format,
+    prepared as the workflow prepares a dataset)."""
+    import json
+
+    from reasonlab import data
+    from reasonlab.models import resolve, write_handle
+
+    h = resolve("tiny", "base", {"source": str(model_dir), "checkpoints": {"base": None},
+                                 "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
+    write_handle(h, tmp_path / "h.json")
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepared = data.prepare({"source": str(tmp_path / f"{name}.jsonl"), "format": "math"}, name)
+    data.write_prepared(prepared, tmp_path / f"{name}.parquet", tmp_path / f"{name}.rejects.jsonl",
+                        tmp_path / f"{name}.summary.json")  # fmt: skip
 
 
 def hidden(model) -> int:
@@ -300,17 +321,9 @@ def test_an_intervene_job_writes_graded_settings_and_their_summary(tiny_model_di
 
     import polars as pl
 
-    from reasonlab import data, synth
     from reasonlab.intervene import intervene_job
-    from reasonlab.models import resolve, write_handle
 
-    h = resolve("tiny", "base", {"source": str(tiny_model_dir), "checkpoints": {"base": None},
-                                 "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
-    write_handle(h, tmp_path / "h.json")
-    rows = synth.build_demo_data(0, synth.DemoSizes(eval=6, pool_per_type=1, control=1, pretrain=1))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["eval"]))
-    prepared = data.prepare({"source": str(tmp_path / "eval.jsonl"), "format": "math"}, "e")
-    data.write_prepared(prepared, tmp_path / "e.parquet", tmp_path / "r.jsonl", tmp_path / "s.json")
+    job_inputs(tiny_model_dir, tmp_path, synth.build_demo_data(0, SMALL)["eval"], "e")
     settings = {"kind": "ablate_layer", "layers": [0], "methods": ["zero", "mean"],
                 "max_prompts": 4, "max_new_tokens": 5, "format": "math"}  # fmt: skip
     intervene_job(tmp_path / "h.json", tmp_path / "e.parquet", "layer0", settings,
@@ -362,17 +375,9 @@ def test_a_relative_steer_job_scales_by_the_norm_and_records_marker_log_odds(
     import polars as pl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from reasonlab import data, synth
     from reasonlab.intervene import intervene_job, mean_interval
-    from reasonlab.models import resolve, write_handle
 
-    h = resolve("tiny", "base", {"source": str(tiny_model_dir), "checkpoints": {"base": None},
-                                 "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
-    write_handle(h, tmp_path / "h.json")
-    rows = synth.build_demo_data(0, synth.DemoSizes(eval=6, pool_per_type=1, control=1, pretrain=1))
-    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["eval"]))
-    prepared = data.prepare({"source": str(tmp_path / "eval.jsonl"), "format": "math"}, "e")
-    data.write_prepared(prepared, tmp_path / "e.parquet", tmp_path / "r.jsonl", tmp_path / "s.json")
+    job_inputs(tiny_model_dir, tmp_path, synth.build_demo_data(0, SMALL)["eval"], "e")
     (tmp_path / "chosen.json").write_text(
         json.dumps({"chosen": {"position": "last_prompt", "layer": 1}})
     )

@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 import torch
 from test_activations import random_model
+from test_intervene import SMALL, job_inputs
 
 from reasonlab.patching import (
     Pair,
@@ -159,16 +160,9 @@ def test_demo_pairs_tokenize_alike_and_a_misaligned_pair_is_skipped(tiny_model_d
 
 def test_a_patch_job_writes_groups_tokens_and_pairs(tiny_model_dir, tmp_path):
     from reasonlab import data, synth
-    from reasonlab.models import resolve, write_handle
     from reasonlab.patching import patch_job
 
-    h = resolve("tiny", "base", {"source": str(tiny_model_dir), "checkpoints": {"base": None},
-                                 "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
-    write_handle(h, tmp_path / "h.json")
-    rows = synth.build_demo_data(0, synth.DemoSizes(pairs=8))["pairs"]
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepared = data.prepare({"source": str(tmp_path / "p.jsonl"), "format": "math"}, "p")
-    data.write_prepared(prepared, tmp_path / "p.parquet", tmp_path / "r.jsonl", tmp_path / "s.json")
+    job_inputs(tiny_model_dir, tmp_path, synth.build_demo_data(0, SMALL)["pairs"], "p")
     out = patch_job(tmp_path / "h.json", tmp_path / "p.parquet",
                     {"max_pairs": 3, "token_pairs": 1, "context": "trace"}, str(tmp_path / "o"),
                     batch_size=8, progress=False)  # fmt: skip
