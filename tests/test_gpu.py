@@ -96,3 +96,29 @@ def test_scoring_sizes_follow_the_free_gpu_memory(handle):
     opts = sized(ScoreOptions(), model, "cuda:0")
     assert opts.token_budget >= CPU_SIZES["token_budget"] and opts.head_positions == 4096
     assert opts.chunk_elements >= CPU_SIZES["chunk_elements"]
+
+
+def test_steering_and_patching_on_cuda_match_the_cpu():
+    """The intervention hooks and the patching metric on a model on the GPU (float32) agree with
+    the same model on the CPU."""
+    from test_activations import random_model
+    from test_patching import a_pair
+
+    from reasonlab.intervene import InterventionHandler
+    from reasonlab.patching import patch_pair
+
+    cpu = random_model("qwen2")
+    gpu = random_model("qwen2").to("cuda")
+    d = torch.randn(cpu.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 90, (2, 7), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for m in (cpu, gpu):
+        with InterventionHandler(m, d, [1], strength=2.0), torch.no_grad():
+            outs.append(m(input_ids=ids.to(m.device)).logits.float().cpu())
+    assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    p = a_pair()
+    a = patch_pair(cpu, p, [0, 1, 2], pad=0, tokens=True)
+    b = patch_pair(gpu, p, [0, 1, 2], pad=0, tokens=True)
+    assert a[0] == pytest.approx(b[0], abs=1e-3) and a[1] == pytest.approx(b[1], abs=1e-3)
+    for x, y in zip(a[2] + a[3], b[2] + b[3], strict=True):
+        assert x["metric"] == pytest.approx(y["metric"], abs=1e-3)
