@@ -400,3 +400,27 @@ def test_transfer_and_patching_name_what_they_use():
         "interventions.transfer.pairs[1][0]: model 'tiny-high' is not in activations.models" in err
     )
     assert "interventions.patching.dataset: 'nope' is not defined under datasets" in err
+
+
+def test_the_trace_explorer_names_what_it_needs():
+    cfg = copy.deepcopy(DEMO)
+    cfg["traces"] = {"models": ["nope", "tiny-high"], "textsets": ["demo-traces"],
+                     "groups": {"g": ["tiny/final"]}, "k_range": [5, 2]}  # fmt: skip
+    err = error_of(cfg)
+    assert "traces.models[0]: model 'nope' is not defined under models" in err
+    assert (
+        "traces.models[1]: 'tiny-high' generates nothing (generation.models / generation.datasets)"
+        in err
+    )
+    assert "traces.textsets[0]: 'demo-traces' is not in score.textsets" in err
+    assert (
+        "traces.groups.g[0]: 'tiny/final' is not a <model>/<ckpt> of a model in traces.models"
+        in err
+    )
+    assert "traces.k_range: [5, 2] is not [low, high]" in err
+    cfg = copy.deepcopy(DEMO)
+    cfg["score"]["generations"] = False
+    assert (
+        "traces.models[0]: 'tiny''s generations are not scored (set score.generations: true"
+        in error_of(cfg)
+    )

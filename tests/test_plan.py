@@ -18,6 +18,7 @@ from reasonlab.report import activations as report_activations
 from reasonlab.report import generate as report_generate
 from reasonlab.report import overview as report_overview
 from reasonlab.report import score as report_score
+from reasonlab.report import traces as report_traces
 from reasonlab.report import training as report_training
 from reasonlab.score import ScoreOptions
 
@@ -71,6 +72,18 @@ def every_job_value(p: Plan) -> dict:
         out[("transfer", *j)] = (p.transfer_settings(*j[2:]), p.transfer_inputs(*j))
     for j in p.patch_jobs:
         out[("patch", *j)] = (p.patch_settings(), p.compute_dtype("patch", j[0]))
+    for j in p.step_jobs:
+        out[("trace_steps", *dataclasses.astuple(j))] = (
+            p.step_settings(),
+            p.step_inputs(*dataclasses.astuple(j)),
+        )
+    for j in p.embed_jobs:
+        out[("embed", *dataclasses.astuple(j))] = (
+            p.embed_settings(),
+            p.embed_inputs(*dataclasses.astuple(j)),
+        )
+    for g, d in p.map_jobs:
+        out[("trace_map", g, d)] = (p.map_settings(), p.map_members(g, d))
     return out
 
 
@@ -149,6 +162,9 @@ def test_key_order_changes_no_value():
         ("interventions", "batch_size", 3),
         ("interventions", "threads", 2),
         ("interventions", "device", "cpu"),
+        ("embed", "batch_size", 8),
+        ("embed", "threads", 2),
+        ("embed", "device", "cpu"),
     ],
 )
 def test_speed_settings_change_no_job_value(section, key, value):
@@ -160,11 +176,11 @@ def test_speed_settings_change_no_job_value(section, key, value):
     assert config_hash(results_config(changed.config)) == config_hash(results_config(base.config))
     # ... yet the job still receives the setting, on its command line
     rules = {"generation": "generate", "activations": "capture_activations",
-             "interventions": "intervene"}  # fmt: skip
+             "interventions": "intervene", "embed": "embed"}  # fmt: skip
     if key in ("device", "device_map"):
         rule = rules.get(section, section if section in ("directions", "lens") else "score")
         assert json.loads(changed.compute_placement(rule, "tiny"))[key] == value
-    elif key not in ("threads", "store") and section != "interventions":
+    elif key not in ("threads", "store") and section not in ("interventions", "embed"):
         projection = {"score": changed.score_options, "generation": changed.gen_options,
                       "activations": changed.capture_options, "directions": changed.direction_options}  # fmt: skip
         assert json.loads(projection[section]()[1])[key] == value
@@ -229,7 +245,8 @@ def test_compute_records_cover_every_model_loading_job():
     p = plan_of()
     records = p.compute_records()
     n = (len(p.gen_jobs) + len(p.score_jobs) + len(p.capture_jobs) + len(p.direction_jobs)
-         + len(p.lens_jobs) + len(p.intervene_jobs) + len(p.transfer_jobs) + len(p.patch_jobs))  # fmt: skip
+         + len(p.lens_jobs) + len(p.intervene_jobs) + len(p.transfer_jobs) + len(p.patch_jobs)
+         + len(p.embed_jobs))  # fmt: skip
     assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 3 * 3  # 3 sets
     assert len(p.direction_jobs) == len(p.lens_jobs) == len(p.probe_jobs) == 3
     assert len(p.intervene_jobs) == 3 * 3  # tiny's checkpoints x the demo's three specs
@@ -332,6 +349,7 @@ def test_report_tables_follow_the_active_stages():
         report_generate,
         report_score,
         report_training,
+        report_traces,
         report_activations,
     ):
         assert set(table_paths(stage.TABLES)) <= set(tables)
@@ -342,7 +360,15 @@ def test_report_tables_follow_the_active_stages():
         cfg["generation"]["datasets"] = []
         cfg["generation"]["models"] = None
         cfg["models"] = {"tiny-init": cfg["models"]["tiny-init"]}
-        for key in ("activations", "directions", "probes", "lens", "cka", "interventions"):
+        for key in (
+            "activations",
+            "directions",
+            "probes",
+            "lens",
+            "cka",
+            "interventions",
+            "traces",
+        ):
             cfg[key] = {}
 
     q = plan_of(no_training_no_generation)
@@ -402,3 +428,42 @@ def test_transfer_and_patching_plan_only_their_pairs_and_checkpoints():
     # the patching batch size is speed only: no job value or report hash changes
     assert r.patch_settings() == p.patch_settings()
     assert "batch_size" not in results_config(r.config)["interventions"]["patching"]
+
+
+def test_trace_explorer_jobs_follow_the_checkpoints_and_groups():
+    p = plan_of()
+    ckpts = DEMO["models"]["tiny"]["checkpoints"]
+    assert [(j.model, j.ckpt, j.textset) for j in p.step_jobs] == [
+        ("tiny", c, f"demo-eval@tiny@{c}") for c in ckpts
+    ]
+    assert [(j.model, j.ckpt, j.dataset) for j in p.embed_jobs] == [
+        ("tiny", c, "demo-eval") for c in ckpts
+    ]
+    assert p.map_jobs == [("tiny", "demo-eval")]
+    assert p.step_inputs("tiny", "final", "demo-eval@tiny@final") == {
+        "tokens": "results/scores/tiny/final/demo-eval@tiny@final.tokens.parquet",
+        "sequences": "results/scores/tiny/final/demo-eval@tiny@final.sequences.parquet",
+        "labels": "results/generations/tiny/final/demo-eval.parquet",
+    }
+    members = json.loads(p.map_members("tiny", "demo-eval"))
+    assert [(m["ckpt"], m["order"]) for m in members] == [(c, i) for i, c in enumerate(ckpts)]
+    words, paths = p.trace_jobs_arg()
+    assert (
+        len(words) == len(paths) == len(ckpts) + 1
+        and paths[-1] == "results/traces/tiny/demo-eval.points.parquet"
+    )
+
+    def grouped(cfg):  # a configured group, a scored dataset's solutions, and one more checkpoint
+        cfg["traces"]["groups"] = {"late": ["tiny/step-500", "tiny/final"]}
+        cfg["traces"]["textsets"] = ["demo-pool"]
+        cfg["models"]["tiny"]["checkpoints"] = [*ckpts, "step-600"]
+
+    q = plan_of(grouped)
+    assert q.map_jobs == [("late", "demo-eval")]
+    assert ("tiny", "final", "demo-pool") in {(j.model, j.ckpt, j.textset) for j in q.step_jobs}
+    assert q.step_inputs("tiny", "final", "demo-pool")["labels"] == "results/data/demo-pool.parquet"
+    new = {dataclasses.astuple(j) for j in q.step_jobs} - {
+        dataclasses.astuple(j) for j in p.step_jobs
+    }
+    assert {j for j in new if j[1] == "step-600"} == {("tiny", "step-600", "demo-eval@tiny@step-600"),
+                                                     ("tiny", "step-600", "demo-pool")}  # fmt: skip

@@ -7,6 +7,7 @@ from collections import Counter
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -26,7 +27,8 @@ ANALYSES = {"capture_activations": len(TINY) * N_SETS, "directions": len(TINY) *
             "probes": len(TINY), "lens": len(TINY) * len(DEMO["lens"]["datasets"]), "cka": len(TINY) - 1,
             "aggregate_activations": 1,
             "intervene": len(TINY) * len(DEMO["interventions"]["specs"]), "aggregate_interventions": 1,
-            "transfer": len(TINY) * (len(TINY) - 1), "patch": len(TINY)}  # fmt: skip
+            "transfer": len(TINY) * (len(TINY) - 1), "patch": len(TINY),
+            "trace_steps": len(TINY), "embed": len(TINY), "trace_map": 1, "aggregate_traces": 1}  # fmt: skip
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -525,3 +527,25 @@ def test_transfer_and_patching_run_on_every_checkpoint(demo):
         (pl.col("site") == 0) & pl.col("group").is_in(["prompt", "trace", "last"])
     )
     assert same.height == 3 * len(TINY) and same["effect"].abs().max() < 1e-5
+
+
+def test_the_trace_explorer_splits_embeds_and_maps_every_checkpoint(demo):
+    """Every completion token of a trace lies in exactly one of its steps; seed 000's files hold one
+    embedding per trace; one joint map of tiny's checkpoints with a cluster per trace."""
+    for ckpt in TINY:
+        ts = f"demo-eval@tiny@{ckpt}"
+        steps = pl.read_parquet(demo / f"results/steps/tiny/{ckpt}/{ts}.parquet")
+        tokens = pl.read_parquet(demo / f"results/scores/tiny/{ckpt}/{ts}.tokens.parquet")
+        per = tokens.filter(~pl.col("is_prompt")).group_by("id").len()
+        got = steps.group_by("id").agg(pl.col("n_tokens").sum())
+        both = per.join(got, on="id")
+        assert both.height == per.height and (both["len"] == both["n_tokens"]).all()
+        npy = np.load(demo / f"results/embeddings/tiny/{ckpt}/demo-eval/tiny_embeddings.npy")
+        results = json.loads(
+            (demo / f"results/embeddings/tiny/{ckpt}/demo-eval/tiny_results.json").read_text()
+        )
+        assert npy.shape == (len(results["results"]), 384) == (N_EVAL, 384)
+        assert np.allclose(np.linalg.norm(npy, axis=1), 1.0, atol=1e-4)
+    points = pl.read_parquet(demo / "results/aggregate/tr_points.parquet")
+    assert points.height == N_EVAL * len(TINY) and points["cluster"].min() >= 0
+    assert 'id="traces"' in (demo / "results/report.html").read_text()

@@ -494,6 +494,87 @@ def aggregate_activations(a, log):
     stage.aggregate_activations(jobs, _out(stage.TABLES, a.out_dir))
 
 
+# ----------------------------------------------------------------------------- trace explorer
+
+
+@step(
+    "trace-steps",
+    "the steps of a scored text set's traces with their token entropies",
+    lambda p: (
+        p.add_argument("--tokens", required=True, help="the scorer's token table"),
+        p.add_argument("--sequences", required=True, help="the scorer's sequence table"),
+        p.add_argument("--labels", required=True, help="the graded generations, or the dataset"),
+        p.add_argument("--settings", type=_json, default={}, help="traces.steps + quantile (JSON)"),
+        p.add_argument("--out", required=True),
+        p.add_argument("--summary", required=True),
+    ),
+)
+def trace_steps(a, log):
+    from reasonlab.steps import StepRules, steps_job
+
+    s = dict(a.settings)
+    rules = StepRules(**{**s, "hesitation": tuple(s.get("hesitation", StepRules.hesitation))})
+    steps_job(a.tokens, a.sequences, a.labels, rules, a.out, a.summary)
+
+
+@step(
+    "embed",
+    "sentence embeddings of a checkpoint's traces and their steps",
+    lambda p: (
+        p.add_argument("--generations", required=True, help="graded generations"),
+        p.add_argument("--steps", help="the trace_steps table"),
+        p.add_argument("--label", required=True, help="the generating model's name (file names)"),
+        p.add_argument("--settings", type=_json, default={}, help="embed: model, what, normalize"),
+        p.add_argument("--table", required=True),
+        p.add_argument("--npy", required=True),
+        p.add_argument("--results", required=True),
+        p.add_argument("--batch-size", type=int, default=64, help="texts per batch (speed only)"),
+        p.add_argument("--threads", type=int),
+        _compute_arguments(p),
+    ),
+)
+def embed(a, log):
+    from reasonlab.embed import embed_job
+
+    embed_job(a.generations, a.steps, a.settings.get("model"), a.label, a.settings, a.table,
+              a.npy, a.results, _request(a), a.batch_size, a.threads, a.record)  # fmt: skip
+
+
+@step(
+    "trace-map",
+    "one joint map, clusters and phrases of a group's traces",
+    lambda p: (
+        p.add_argument("--group", required=True),
+        p.add_argument("--members", type=_json, required=True, help="the group's inputs (JSON)"),
+        p.add_argument("--settings", type=_json, default={}, help="traces.map, k, ... (JSON)"),
+        p.add_argument("--out-prefix", required=True),
+    ),
+)
+def trace_map(a, log):
+    from reasonlab.tracemap import MapOptions, trace_map_job
+
+    s = {k: v for k, v in a.settings.items() if v is not None}
+    for k in ("k_range", "ngram_range"):
+        if k in s:
+            s[k] = tuple(s[k])
+    trace_map_job(a.group, a.members, MapOptions(**s), a.out_prefix)
+
+
+@step(
+    "aggregate-traces",
+    "every steps job's and map's tables for the report",
+    lambda p: (
+        p.add_argument("--jobs", nargs="*", default=[], help="kind/a/b/order/name per job"),
+        p.add_argument("--paths", nargs="*", default=[], help="each job's output, aligned"),
+        p.add_argument("--out-dir", required=True),
+    ),
+)
+def aggregate_traces(a, log):
+    from reasonlab.report import traces as stage
+
+    stage.aggregate_traces(a.jobs, a.paths, _out(stage.TABLES, a.out_dir))
+
+
 # ----------------------------------------------------------------------------- interventions
 
 

@@ -248,6 +248,7 @@ def _check_references(config: dict) -> None:
     problems += _activation_problems(config)
     problems += _analysis_problems(config)
     problems += _intervention_problems(config)
+    problems += _trace_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -395,6 +396,42 @@ def _intervention_problems(config: dict) -> list[str]:
     pairs = (iv.get("patching") or {}).get("dataset")
     if pairs and pairs not in config["datasets"]:
         problems.append(f"interventions.patching.dataset: {pairs!r} is not defined under datasets")
+    return problems
+
+
+def _trace_problems(config: dict) -> list[str]:
+    """`traces`: models defined, generating and scored on their own generations; text sets scored;
+    groups of defined checkpoints of those models; ranges ordered."""
+    tr, problems = config.get("traces") or {}, []
+    models = tr.get("models") or []
+    gen, score = config.get("generation") or {}, config.get("score") or {}
+    generating = gen.get("models") or list(config["models"])
+    scoring = score.get("models") or list(config["models"])
+    for i, m in enumerate(models):
+        key = f"traces.models[{i}]"
+        if m not in config["models"]:
+            problems.append(f"{key}: model {m!r} is not defined under models")
+        elif m not in generating or not gen.get("datasets"):
+            problems.append(
+                f"{key}: {m!r} generates nothing (generation.models / generation.datasets)"
+            )
+        elif not score.get("generations") or m not in scoring:
+            problems.append(f"{key}: {m!r}'s generations are not scored (set score.generations: true "
+                            "and list it in score.models): the steps need their token entropies")  # fmt: skip
+    for i, t in enumerate(tr.get("textsets") or []):
+        if t not in (score.get("textsets") or []):
+            problems.append(f"traces.textsets[{i}]: {t!r} is not in score.textsets (its solutions "
+                            "must be scored under each checkpoint)")  # fmt: skip
+    for g, refs in (tr.get("groups") or {}).items():
+        for j, ref in enumerate(refs):
+            m, _, c = ref.partition("/")
+            if m not in models or c not in config["models"][m]["checkpoints"]:
+                problems.append(f"traces.groups.{g}[{j}]: {ref!r} is not a <model>/<ckpt> of a "
+                                "model in traces.models")  # fmt: skip
+    for key in ("k_range", "ngram_range"):
+        lo, hi = tr.get(key, [1, 1])
+        if lo > hi:
+            problems.append(f"traces.{key}: {[lo, hi]} is not [low, high]")
     return problems
 
 

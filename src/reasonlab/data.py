@@ -227,10 +227,13 @@ DEFAULT_COLUMNS: dict[str, dict[str, str]] = {
         "reference": "answer",
     },  # fmt: skip
     "query": {"question": "query", "reference": "answer"},
+    "prm800k": {"question": "question", "label": "label"},  # objects; see _prm800k
     "columns": {},
 }
 REQUIRED = {"gsm8k": ["question", "solution"], "math": ["question", "solution"], "chat": ["messages"],
-            "alpaca": ["instruction"], "query": ["question"], "columns": ["question"]}  # fmt: skip
+            "alpaca": ["instruction"], "query": ["question"], "prm800k": ["question", "label"],
+            "columns": ["question"]}  # fmt: skip
+PRM_RATINGS = (-1, 0, 1)
 CHAT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
               "system": "system", "model": "assistant"}  # fmt: skip
 
@@ -284,15 +287,103 @@ def _chat(rec: dict, mapping: dict[str, str]) -> dict:
             "reference": last_boxed(solution), "meta_used": {col}}  # fmt: skip
 
 
+def _prm800k_object(rec: dict, col: str, key: str) -> dict:
+    if rec.get(col) is None:
+        raise RowError(f"missing field {col!r} (needed for {key})")
+    if not isinstance(rec[col], dict):
+        raise RowError(
+            f"field {col!r} must be an object (a PRM800K record), found {type(rec[col]).__name__}"
+        )
+    return rec[col]
+
+
+def _prm800k_step(where: str, step: Any) -> tuple[str, int | None]:
+    """The text and rating of the completion one PRM800K step (`where`, for errors) continued with."""
+    if not isinstance(step, dict):
+        raise RowError(f"{where} must be an object with completions, found {type(step).__name__}")
+    human = step.get("human_completion")
+    if human is not None:
+        text = human.get("text") if isinstance(human, dict) else human
+        if not isinstance(text, str):
+            raise RowError(f"{where}: human_completion has no text")
+        return text, None
+    completions, chosen = step.get("completions"), step.get("chosen_completion")
+    k = 0 if chosen is None else chosen
+    n = len(completions) if isinstance(completions, list) else 0
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < n:
+        raise RowError(
+            f"{where}: no completion {k!r} to follow (chosen_completion {chosen!r}, {n} "
+            "completion(s)) and no human_completion"
+        )
+    c = completions[k]
+    text = c.get("text") if isinstance(c, dict) else None
+    if not isinstance(text, str):
+        raise RowError(f"{where}: completion {k} has no text")
+    rating = c.get("rating")
+    if rating is not None and (isinstance(rating, bool) or rating not in PRM_RATINGS):
+        raise RowError(f"{where}: completion {k} has rating {rating!r}; expected -1, 0, 1 or null")
+    return text, None if rating is None else int(rating)
+
+
+def _prm800k(rec: dict, mapping: dict[str, str]) -> dict:
+    """One PRM800K label record (github.com/openai/prm800k) → question (`question.problem`),
+    reference (`question.ground_truth_answer`) and solution: the text each step of `label.steps`
+    continued with, joined with a blank line. A step continues with its `human_completion` when
+    there is one (rating null), else with `completions[chosen_completion]`, else (chosen_completion
+    null: the last step of a found_error or give_up trace) with completion 0, in phase 2 the
+    pre-generated step, the one rated -1 that ends a found_error trace. Other completions are not
+    kept. A step's own text may hold a blank line (the final step is often "…\n\n# Answer\n\n5"),
+    so the labelled steps' character offsets in the solution are kept too (`step_starts`): the
+    trace explorer splits such a solution there, not at blank lines.
+
+    Meta gets `step_ratings` (the followed completion's rating per step, null where unknown),
+    `step_starts`,
+    `finish_reason`, and the two objects' other fields under dotted names
+    (`question.ground_truth_solution`, `question.pre_generated_steps`, `label.total_time`, …)."""
+    qcol, lcol = mapping["question"], mapping["label"]
+    q = _prm800k_object(rec, qcol, "question")
+    problem = _text(q.get("problem"))
+    if problem is None:
+        raise RowError(f"missing field '{qcol}.problem' (needed for question)")
+    if not problem.strip():
+        raise RowError(f"field '{qcol}.problem' (question) is empty")
+    label = _prm800k_object(rec, lcol, "solution")
+    steps = label.get("steps")
+    if steps is None:
+        raise RowError(f"missing field '{lcol}.steps' (needed for solution)")
+    if not isinstance(steps, list):
+        raise RowError(
+            f"field '{lcol}.steps' must be a list of steps, found {type(steps).__name__}"
+        )
+    if not steps:
+        raise RowError(f"field '{lcol}.steps' (solution) is an empty list")
+    followed = [_prm800k_step(f"{lcol}.steps[{i}]", step) for i, step in enumerate(steps)]
+    texts, ratings = [t for t, _ in followed], [r for _, r in followed]
+    extra = {f"{qcol}.{k}": v for k, v in q.items() if k not in ("problem", "ground_truth_answer")}
+    extra |= {f"{lcol}.{k}": v for k, v in label.items() if k not in ("steps", "finish_reason")}
+    starts = [sum(len(t) + 2 for t in texts[:i]) for i in range(len(texts))]
+    extra |= {
+        "step_ratings": ratings,
+        "step_starts": starts,
+        "finish_reason": label.get("finish_reason"),
+    }
+    return {"question": problem, "reference": _text(q.get("ground_truth_answer")),
+            "solution": "\n\n".join(texts), "meta_used": {qcol, lcol}, "meta_extra": extra}  # fmt: skip
+
+
 def normalize_record(rec: Any, fmt: str, columns: dict[str, str]) -> dict:
     """One source record → the normalized fields (question, reference, solution, …). Raises RowError."""
     if not isinstance(rec, dict):
         raise RowError(f"a record must be an object, found {type(rec).__name__}")
     mapping = {**DEFAULT_COLUMNS[fmt], **columns}
     required = set(REQUIRED[fmt])
+    extra: dict[str, Any] = {}  # meta entries a format derives (prm800k's step_ratings, …)
     if fmt == "chat":
         out = _chat(rec, mapping)
         used = out.pop("meta_used")
+    elif fmt == "prm800k":
+        out = _prm800k(rec, mapping)
+        used, extra = out.pop("meta_used"), out.pop("meta_extra")
     else:
         out = {k: _get(rec, mapping, k, k in required) for k in mapping if k not in ("id",)}
         used = {mapping[k] for k in mapping}
@@ -319,7 +410,7 @@ def normalize_record(rec: Any, fmt: str, columns: dict[str, str]) -> dict:
     if id_col and out["id"] is None:
         raise RowError(f"id field {id_col!r} is missing or empty")
     used |= {id_col} if id_col else set()
-    meta = {k: v for k, v in rec.items() if k not in used}
+    meta = {k: v for k, v in rec.items() if k not in used} | extra
     out["meta"] = (
         json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str) if meta else None
     )

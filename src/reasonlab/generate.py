@@ -4,7 +4,8 @@ transformers, in resumable shards, in one output schema.
 Backends:
 - `vllm`: the offline `LLM` engine (on a CPU: float32 weights and a bounded KV cache); it returns
   the sampled token ids and the top-k logprobs of each step.
-- `transformers`: batched `generate` with left padding, for hosts or architectures vLLM cannot serve.
+- `transformers`: batched `generate` with left padding, for hosts or architectures vLLM cannot serve
+  (encoder–decoder models such as T5: the prompt goes to the encoder, the completion is the decoder's).
 - `auto`: vLLM when it imports, else transformers.
 
 The engine starts once per job. Prompts are processed in shards of `shard_size`; each finished
@@ -67,9 +68,19 @@ class GenOptions:
 
 
 def render_prompts(rows: list[dict], tokenizer, opts: GenOptions) -> list[str]:
-    """The prompt text of every dataset row (an empty question is an error naming the row id)."""
+    """The prompt text of every dataset row (an empty question is an error naming the row id).
+
+    Template "chat" needs a tokenizer with a chat template (T5's have none): without one it is an
+    error asking for a format-string template."""
     from reasonlab.prompts import render_prompt
 
+    if opts.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise GenerationError(
+            f"generation.template is 'chat' but tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; set "
+            f"generation.template to a format string over the dataset row's fields, "
+            f"e.g. '{{question}}\\n'"
+        )
     out = []
     for r in rows:
         if not (r.get("question") or "").strip():
@@ -105,6 +116,20 @@ def pick_backend(name: str) -> str:
         return "vllm"
     except ImportError:
         return "transformers"
+
+
+def check_backend(backend: str, handle, requested: str | None = None) -> None:
+    """Refuse the `vllm` backend (`backend`: the one `pick_backend` chose from `requested`) for an
+    encoder–decoder model (T5-style), which vLLM does not serve."""
+    from reasonlab.models import is_encoder_decoder
+
+    if backend == "vllm" and is_encoder_decoder(handle):
+        how = "" if requested in (None, "vllm") else f" ({requested!r} resolved to vllm)"
+        raise GenerationError(
+            f"model {handle.model}/{handle.ckpt} ({handle.architecture or handle.model_type}) is an "
+            f"encoder–decoder model, which vLLM does not serve; generation.backend is vllm{how}: "
+            f"set generation.backend: transformers"
+        )
 
 
 # --------------------------------------------------------------------------------- backends
@@ -226,15 +251,21 @@ def hf_generate(
     per prompt, its samples as records of the generation schema. `extra(step_logits, new_tokens,
     lengths)`, when given, is called per batch with the per-step logits, the generated tokens
     [rows, steps] and each row's kept length, and returns one dict per row merged into its record
-    (what the intervention sweep adds: entropy, first-token distribution)."""
+    (what the intervention sweep adds: entropy, first-token distribution).
+
+    An encoder–decoder model (`config.is_encoder_decoder`) reads the prompt with its encoder,
+    encoded with the tokenizer's special tokens (T5's closing `</s>`): `prompt_ids` are the encoder's
+    input, and the generated tokens are the decoder's after its start token, which is not one of them.
+    """
     import torch
 
     o = opts
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     results = []
     for s in range(0, len(prompts), o.batch_size):
         batch = prompts[s : s + o.batch_size]
-        enc = [tok(p, add_special_tokens=False)["input_ids"] for p in batch]
+        enc = [tok(p, add_special_tokens=seq2seq)["input_ids"] for p in batch]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -251,7 +282,9 @@ def hf_generate(
                 num_return_sequences=o.n, output_logits=True, return_dict_in_generate=True,
                 pad_token_id=pad, eos_token_id=tok.eos_token_id, stop_strings=o.stop or None, tokenizer=tok,
             )  # fmt: skip
-        new = out.sequences[:, width:].cpu()
+        # a decoder-only model returns prompt + new tokens; an encoder–decoder the decoder's
+        # start token + new tokens
+        new = out.sequences[:, 1 if seq2seq else width :].cpu()
         token_lp, top_lp, top_ids = step_logprobs(out.logits, new, o.logprobs)
         lengths = []
         for r in range(new.shape[0]):
@@ -338,6 +371,7 @@ def generate_dataset(
     h = read_handle(handle_path)
     rows = read_dataset(data_path).to_dicts()
     backend_name = pick_backend(opts.backend)
+    check_backend(backend_name, h, opts.backend)
     machine, placement = place(h, compute, f"{h.model}/{h.ckpt}")
     shard_dir = Path(str(out_path) + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)

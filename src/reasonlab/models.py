@@ -416,6 +416,27 @@ def input_device(model):
     return model.get_input_embeddings().weight.device
 
 
+def load_config(handle: Handle | dict | str | Path):
+    """The transformers config of a handle's weights (an adapter's: its base model's), read from
+    the local directory or the local Hugging Face cache, never downloaded."""
+    from transformers import AutoConfig
+
+    h = _as_handle(handle)
+    if h.is_adapter and h.base:
+        return load_config(h.base)
+    try:
+        return AutoConfig.from_pretrained(h.location, **_from_pretrained_kwargs(h))
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"model {h.model}/{h.ckpt}: cannot read a model config from {h.location!r}: {e}"
+        ) from e
+
+
+def is_encoder_decoder(handle: Handle | dict | str | Path) -> bool:
+    """True when a handle's model is an encoder–decoder (T5-style, `config.is_encoder_decoder`)."""
+    return bool(getattr(load_config(handle), "is_encoder_decoder", False))
+
+
 def load_model(
     handle: Handle | dict | str | Path,
     placement=None,
@@ -424,10 +445,11 @@ def load_model(
     """Load (model, tokenizer) from a handle, in eval mode, placed by `placement`
     (a `reasonlab.compute.Placement`; default: the CPU in the handle's dtype, float32 for auto).
 
-    A LoRA adapter is loaded on top of its base model with peft; `merge_adapter=True` merges it into
-    the weights.
+    A decoder-only model loads with `AutoModelForCausalLM`, an encoder–decoder one
+    (`config.is_encoder_decoder`, e.g. T5) with `AutoModelForSeq2SeqLM`. A LoRA adapter is loaded
+    on top of its base model with peft; `merge_adapter=True` merges it into the weights.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     h = _as_handle(handle)
     placement = placement or cpu_placement(h)
@@ -440,7 +462,8 @@ def load_model(
             if merge_adapter:
                 model = model.merge_and_unload()
         else:
-            model = AutoModelForCausalLM.from_pretrained(
+            auto = AutoModelForSeq2SeqLM if is_encoder_decoder(h) else AutoModelForCausalLM
+            model = auto.from_pretrained(
                 h.location, **weights_kwargs(placement), **_from_pretrained_kwargs(h)
             )
     except OSError as e:

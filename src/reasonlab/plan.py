@@ -31,6 +31,7 @@ from reasonlab.report import generate as report_generate
 from reasonlab.report import interventions as report_interventions
 from reasonlab.report import overview as report_overview
 from reasonlab.report import score as report_score
+from reasonlab.report import traces as report_traces
 from reasonlab.report import training as report_training
 from reasonlab.score import ScoreOptions
 
@@ -47,6 +48,7 @@ WILDCARDS = {
     "model2": textsets.NAME,
     "ckpt2": textsets.NAME,
     "spec": textsets.NAME,
+    "group": textsets.NAME,
     "env": "|".join(ENVIRONMENTS),
 }
 
@@ -81,6 +83,7 @@ COMPUTE_STAGES = {
     "intervene": "interventions",
     "transfer": "interventions",
     "patch": "interventions",
+    "embed": "embed",
 }
 PLACEMENT_KEYS = ("device", "device_map")  # where a model runs: speed only, never a param
 
@@ -92,7 +95,8 @@ def results_config(config: dict) -> dict:
     for section, cls, extra in (("score", ScoreOptions, ()), ("generation", GenOptions, ()),
                                 ("activations", CaptureOptions, ("store",)),
                                 ("directions", DirectionOptions, ()), ("lens", None, ()),
-                                ("interventions", None, ("batch_size",))):  # fmt: skip
+                                ("interventions", None, ("batch_size",)),
+                                ("embed", None, ("batch_size",))):  # fmt: skip
         if section not in config:
             continue
         speed = set(options.speed_fields(cls)) if cls else set()
@@ -631,6 +635,119 @@ class Plan:
         words = [f"{m}/{c}/{self.order(m, c)}/{d}" for m, c, d in self.patch_jobs]
         return words, [self.patch_output(m, c, d, "groups") for m, c, d in self.patch_jobs]
 
+    # ------------------------------------------------------------------ trace explorer
+
+    @property
+    def traces(self) -> dict:
+        return self.config.get("traces") or {}
+
+    @cached_property
+    def step_jobs(self) -> list[ScoreTask]:
+        """(model, ckpt, textset): each checkpoint of `traces.models` with its own generations of
+        every generation dataset, and the scored datasets of `traces.textsets` under it."""
+        out = []
+        for m in sorted(self.traces.get("models") or []):
+            for c in self.checkpoints(m):
+                out += [ScoreTask(m, c, textsets.generated(j.dataset, m, c))
+                        for j in self.gen_jobs if (j.model, j.ckpt) == (m, c)]  # fmt: skip
+                out += [ScoreTask(m, c, t) for t in self.traces.get("textsets") or []]
+        return out
+
+    @staticmethod
+    def step_output(model: str, ckpt: str, textset: str, kind: str = "parquet") -> str:
+        """`kind`: parquet (one row per step) or json (the job's summary)."""
+        return f"results/steps/{model}/{ckpt}/{textset}.{kind}"
+
+    def step_inputs(self, model: str, ckpt: str, textset: str) -> dict[str, str]:
+        return {"tokens": self.score_output(model, ckpt, textset, "tokens"),
+                "sequences": self.score_output(model, ckpt, textset, "sequences"),
+                "labels": self.textset_input(textset)}  # fmt: skip
+
+    def step_settings(self) -> str:
+        """The step rules and forking quantile (a param: they change results)."""
+        return as_json(
+            {**(self.traces.get("steps") or {}), "quantile": self.traces.get("quantile", 0.9)}
+        )
+
+    @cached_property
+    def embed_jobs(self) -> list[GenTask]:
+        """(model, ckpt, dataset): each checkpoint of `traces.models` with its own generations."""
+        models = set(self.traces.get("models") or [])
+        return [j for j in self.gen_jobs if j.model in models]
+
+    @staticmethod
+    def embed_output(model: str, ckpt: str, dataset: str, kind: str = "table") -> str:
+        """`kind`: table (Parquet), npy or json (seed 000's `{model}_embeddings.npy` and
+        `{model}_results.json`)."""
+        if kind == "table":
+            return f"results/embeddings/{model}/{ckpt}/{dataset}.parquet"
+        name = "embeddings.npy" if kind == "npy" else "results.json"
+        return f"results/embeddings/{model}/{ckpt}/{dataset}/{model}_{name}"
+
+    def embed_inputs(self, model: str, ckpt: str, dataset: str) -> dict[str, str]:
+        return {"generations": self.gen_output(model, ckpt, dataset),
+                "steps": self.step_output(model, ckpt, textsets.generated(dataset, model, ckpt))}  # fmt: skip
+
+    def embed_settings(self) -> str:
+        e = self.config.get("embed") or {}
+        return as_json({k: e.get(k) for k in ("model", "what", "normalize")})
+
+    @cached_property
+    def groups(self) -> dict[str, list[tuple[str, str]]]:
+        """The trace map's groups: configured, or one per model of `traces.models`."""
+        if self.traces.get("groups"):
+            return {
+                g: [self.split_ref(r) for r in refs] for g, refs in self.traces["groups"].items()
+            }
+        return {
+            m: [(m, c) for c in self.checkpoints(m)]
+            for m in sorted(self.traces.get("models") or [])
+        }
+
+    @cached_property
+    def map_jobs(self) -> list[tuple[str, str]]:
+        """(group, dataset): one joint map per group and generation dataset."""
+        if not self.embed_jobs:
+            return []
+        return [(g, d) for g in sorted(self.groups) for d in sorted(self.generation["datasets"])]
+
+    @staticmethod
+    def map_output(group: str, dataset: str, kind: str) -> str:
+        """`kind`: points, phrases, clusters (Parquet) or json."""
+        ext = "json" if kind == "json" else f"{kind}.parquet"
+        return f"results/traces/{group}/{dataset}.{ext}"
+
+    def map_inputs(self, group: str, dataset: str) -> list[str]:
+        out = []
+        for m, c in self.groups[group]:
+            out += [self.embed_output(m, c, dataset), self.gen_output(m, c, dataset),
+                    self.step_output(m, c, textsets.generated(dataset, m, c))]  # fmt: skip
+        return out
+
+    def map_members(self, group: str, dataset: str) -> str:
+        """The group's members with their input paths, as JSON for the job."""
+        return as_json([{"model": m, "ckpt": c, "order": self.order(m, c),
+                         "embeddings": self.embed_output(m, c, dataset),
+                         "generations": self.gen_output(m, c, dataset),
+                         "steps": self.step_output(m, c, textsets.generated(dataset, m, c))}
+                        for m, c in self.groups[group]])  # fmt: skip
+
+    def map_settings(self) -> str:
+        t = self.traces
+        keys = ("k", "k_range", "ngram_range", "top_ngrams", "examples")
+        return as_json({**(t.get("map") or {}), **{k: t.get(k) for k in keys}})
+
+    def trace_jobs_arg(self) -> tuple[list[str], list[str]]:
+        """(one `kind/model/ckpt/order/name` word per steps job and per map, its output)."""
+        words = [
+            f"steps/{j.model}/{j.ckpt}/{self.order(j.model, j.ckpt)}/{j.textset}"
+            for j in self.step_jobs
+        ]
+        paths = [self.step_output(j.model, j.ckpt, j.textset) for j in self.step_jobs]
+        words += [f"map/{g}/-/0/{d}" for g, d in self.map_jobs]
+        paths += [self.map_output(g, d, "points") for g, d in self.map_jobs]
+        return words, paths
+
     # ------------------------------------------------------------------ devices and dtypes
 
     def compute(self, rule: str, model: str) -> compute.Request:
@@ -671,7 +788,9 @@ class Plan:
         ] + [
             self.compute_record("transfer", m, c, f"{k}/{m2}/{c2}")
             for m, c, k, m2, c2 in self.transfer_jobs
-        ] + [self.compute_record("patch", m, c, d) for m, c, d in self.patch_jobs]  # fmt: skip
+        ] + [self.compute_record("patch", m, c, d) for m, c, d in self.patch_jobs] + [
+            self.compute_record("embed", j.model, j.ckpt, j.dataset) for j in self.embed_jobs
+        ]  # fmt: skip
 
     # ------------------------------------------------------------------ aggregation and report
 
@@ -682,6 +801,8 @@ class Plan:
             active.append(report_generate)
         if self.score_jobs:
             active.append(report_score)
+        if self.step_jobs:
+            active.append(report_traces)
         if self.activation_jobs()[0]:
             active.append(report_activations)
         if self.intervene_jobs or self.patch_jobs:

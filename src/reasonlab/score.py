@@ -33,6 +33,14 @@ pass their exact token ids instead (`prompt_ids`, `completion_ids`), which avoid
 altogether; with the generator's own log-probabilities (`completion_logprobs`) the token table gains a
 `gen_logprob` column and the text table `gen_llh_sum` and `max_abs_logprob_diff` — scored under the
 checkpoint that generated them, the two must agree (vLLM in float32: within 1e-3).
+
+Encoder–decoder models (`config.is_encoder_decoder`, e.g. T5): the prompt is the encoder's input
+(encoded with the tokenizer's special tokens, T5's closing `</s>`, as generation encodes it) and the
+completion's tokens are scored as the decoder's, teacher-forced on [decoder start token] +
+completion[:-1]; every statistic is computed over those decoder positions, by the same output-head
+path as for a decoder-only model, on the hidden states the head receives (after any scaling the
+architecture applies, such as T5's d_model^-0.5). The encoder predicts no tokens, so `scope="all"`
+and `boundary="joint"` (one token sequence split in two) are errors there.
 """
 
 from __future__ import annotations
@@ -298,9 +306,16 @@ class Encoded:
 
 
 def encode(
-    items: Sequence[TextItem], tokenizer, opts: ScoreOptions, max_length: int
+    items: Sequence[TextItem],
+    tokenizer,
+    opts: ScoreOptions,
+    max_length: int,
+    prompt_special_tokens: bool = False,
 ) -> list[Encoded]:
-    """Token ids of every item with the prompt/completion boundary, truncated by the policy."""
+    """Token ids of every item with the prompt/completion boundary, truncated by the policy.
+
+    `prompt_special_tokens`: prompts given as text are encoded with the tokenizer's special tokens
+    (an encoder–decoder model's encoder input, T5's closing `</s>`); otherwise without."""
     if opts.boundary not in ("separate", "joint"):
         raise ScoreError(f"boundary must be 'separate' or 'joint', not {opts.boundary!r}")
     eos = [tokenizer.eos_token_id] if opts.append_eos and tokenizer.eos_token_id is not None else []
@@ -311,7 +326,9 @@ def encode(
     if need:
         for i, p in zip(
             need,
-            tokenizer([items[i].prompt for i in need], add_special_tokens=False)["input_ids"],
+            tokenizer([items[i].prompt for i in need], add_special_tokens=prompt_special_tokens)[
+                "input_ids"
+            ],
             strict=True,
         ):
             prompts[i] = list(p)
@@ -441,6 +458,162 @@ def _head(model):
     return body, head, softcap
 
 
+def _causal_batch(body, batch: Sequence[Encoded], pad_id: int, device, scope: str):
+    """One batch of texts through a decoder-only model's body (right padding): (batch row, position,
+    token id) of every scored token and the final hidden state [N, hidden] at the position before
+    it, which predicts it; None when the batch has nothing to score."""
+    import torch
+
+    width = len(batch[0].ids)  # the longest first
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    # positions to score: (batch row, position predicting the next token), and the targets
+    b_idx, p_idx = [], []
+    for r, e in enumerate(batch):
+        n = len(e.ids)
+        ids[r, :n] = torch.tensor(e.ids)
+        mask[r, :n] = 1
+        start = 1 if scope == "all" else max(e.n_prompt, 1)
+        b_idx.extend([r] * (n - start))
+        p_idx.extend(range(start - 1, n - 1))
+    if not b_idx:
+        return None
+    b = torch.tensor(b_idx)
+    pos = torch.tensor(p_idx)
+    # no padding in this batch: no mask, so attention can take its causal fast path
+    attn = None if bool(mask.all()) else mask.to(device)
+    hidden = body(input_ids=ids.to(device), attention_mask=attn, use_cache=False).last_hidden_state
+    return b, pos + 1, ids[b, pos + 1], hidden[b.to(hidden.device), pos.to(hidden.device)]
+
+
+def _seq2seq_head(model):
+    """(model, head, softcap) of an encoder–decoder model: the model whose forward pass feeds the
+    output head (a peft wrapper's base model), the output projection, and the final logit
+    soft-capping some architectures apply."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ScoreError(f"{type(base).__name__}: no output head to score with")
+    return base, head, getattr(base.config, "final_logit_softcapping", None)
+
+
+def _check_seq2seq_options(opts: ScoreOptions, where: str) -> None:
+    """An encoder–decoder model scores completion tokens only, prompt and completion encoded apart."""
+    if opts.scope == "all":
+        raise ScoreError(
+            f"{where}: score.scope 'all' scores the prompt's tokens, which an encoder–decoder model "
+            f"reads with its encoder and does not predict; set score.scope: completion"
+        )
+    if opts.boundary == "joint":
+        raise ScoreError(
+            f"{where}: score.boundary 'joint' splits one token sequence into prompt and completion; "
+            f"an encoder–decoder model reads them as two sequences: set score.boundary: separate"
+        )
+
+
+class _HeadInput(Exception):
+    """Raised by `_head_inputs`' hook to stop a forward pass at the output head."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.hidden = hidden
+
+
+def _head_inputs(model, head, **inputs):
+    """The hidden states [rows, positions, hidden] `model`'s output head receives for `inputs`: an
+    encoder–decoder's final decoder states after whatever the architecture applies before its head
+    (T5 multiplies them by d_model^-0.5 where the embeddings are tied). A forward pre-hook on the
+    head (always removed) stops the pass there, so the logits are never formed."""
+
+    def stop(module, args):
+        raise _HeadInput(args[0])
+
+    hook = head.register_forward_pre_hook(stop)
+    try:
+        model(**inputs, use_cache=False)
+    except _HeadInput as e:
+        return e.hidden
+    finally:
+        hook.remove()
+    raise ScoreError(f"{type(model).__name__}: its forward pass does not call its output head")
+
+
+def _seq2seq_batch(model, head, softcap, batch: Sequence[Encoded], pad_id: int, device,
+                   where: str, check: bool = False):  # fmt: skip
+    """One batch of texts through an encoder–decoder model, the prompt as the encoder's input and
+    the completion teacher-forced into the decoder as [decoder start token] + completion[:-1]
+    (both right-padded and masked): (batch row, position, token id) of every completion token,
+    its position counted in prompt + completion, and the hidden state [N, hidden] the output head
+    receives at the decoder position predicting it; None when the batch has nothing to score.
+
+    `check`: also compare the model's own logits for the batch's first text with the output head
+    applied to those hidden states, and refuse an architecture that changes its logits after the
+    head (BART's `final_logits_bias`, say)."""
+    import torch
+
+    cfg = model.config
+    start = getattr(cfg, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ScoreError(
+            f"{where}: the encoder–decoder model's config has no decoder_start_token_id"
+        )
+    for e in batch:
+        if e.n_prompt == 0:
+            raise ScoreError(
+                f"{where}: text {e.id!r} has an empty prompt; an encoder–decoder model needs one "
+                f"for its encoder"
+            )
+    comps = [e.ids[e.n_prompt :] for e in batch]
+    if not any(comps):
+        return None
+    enc_w, dec_w = max(e.n_prompt for e in batch), max(map(len, comps))
+    enc_ids = torch.full((len(batch), enc_w), pad_id, dtype=torch.long)
+    enc_mask = torch.zeros_like(enc_ids)
+    dec_ids = torch.full((len(batch), dec_w), pad_id, dtype=torch.long)
+    dec_mask = torch.zeros_like(dec_ids)
+    b_idx, k_idx, n_prompt = [], [], []
+    for r, (e, c) in enumerate(zip(batch, comps, strict=True)):
+        enc_ids[r, : e.n_prompt] = torch.tensor(e.ids[: e.n_prompt])
+        enc_mask[r, : e.n_prompt] = 1
+        dec = [start, *c[:-1]]
+        dec_ids[r, : len(dec)] = torch.tensor(dec)
+        dec_mask[r, : len(dec)] = 1  # a row without a completion keeps its start token
+        b_idx.extend([r] * len(c))
+        k_idx.extend(range(len(c)))
+        n_prompt.extend([e.n_prompt] * len(c))
+    b, k = torch.tensor(b_idx), torch.tensor(k_idx)
+
+    def inputs(rows):
+        return {"input_ids": enc_ids[rows].to(device), "attention_mask": enc_mask[rows].to(device),
+                "decoder_input_ids": dec_ids[rows].to(device),
+                "decoder_attention_mask": dec_mask[rows].to(device)}  # fmt: skip
+
+    hidden = _head_inputs(model, head, **inputs(slice(None)))
+    if check:
+        _check_head_path(model, head, softcap, inputs(slice(0, 1)), where)
+    tgt = torch.tensor([t for c in comps for t in c], dtype=torch.long)
+    return b, torch.tensor(n_prompt) + k, tgt, hidden[b.to(hidden.device), k.to(hidden.device)]
+
+
+def _check_head_path(model, head, softcap, inputs: dict, where: str) -> None:
+    """The model's own logits for `inputs` (one text) must be its output head applied to the hidden
+    states the head receives (`_head_inputs`), soft-capped as `_head` says: otherwise the
+    architecture changes its logits after the head and scoring it is refused."""
+    import torch
+
+    own = model(**inputs, use_cache=False).logits.float()
+    mine = head(_head_inputs(model, head, **inputs)).float()
+    if softcap:
+        mine = torch.tanh(mine / softcap) * softcap
+    if own.shape != mine.shape or not torch.allclose(own, mine, rtol=1e-3, atol=1e-3):
+        raise ScoreError(
+            f"{where}: {type(model).__name__}'s logits are not its output head applied to the "
+            f"decoder's final hidden states; scoring this encoder–decoder architecture is not supported"
+        )
+
+
 def check_tokenizer(model, tokenizer, where: str) -> None:
     """The tokenizer's ids must fit the model's vocabulary, and padding needs a pad token."""
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -506,11 +679,16 @@ def score_items(
     opts = opts or ScoreOptions()
     if opts.scope not in ("completion", "all"):
         raise ScoreError(f"scope must be 'completion' or 'all', not {opts.scope!r}")
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if seq2seq:
+        _check_seq2seq_options(opts, where)
     check_tokenizer(model, tokenizer, where)
     max_length = opts.max_length or getattr(model.config, "max_position_embeddings", None) or 2**31
-    enc = encode(items, tokenizer, opts, max_length)
-    body, head, softcap = _head(model)
-    if opts.compile:
+    enc = encode(items, tokenizer, opts, max_length, prompt_special_tokens=seq2seq)
+    body, head, softcap = _seq2seq_head(model) if seq2seq else _head(model)
+    if opts.compile and seq2seq:
+        log.warning("score.compile compiles decoder-only models' bodies; %s runs eagerly", where)
+    elif opts.compile:
         body = torch.compile(body, dynamic=True)
     from reasonlab.models import input_device
 
@@ -531,51 +709,34 @@ def score_items(
         bar = tqdm(
             total=sum(len(e.ids) for e in enc), desc=f"scoring ({where})", unit="tok", mininterval=5
         )
+    checked = False  # an encoder–decoder's head path, checked on the first batch it scores
     with torch.inference_mode():
         for rows in plan:
-            width = len(enc[rows[0]].ids)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            # positions to score: (batch row, position predicting the next token), and the targets
-            b_idx, p_idx, first = [], [], []
-            for r, i in enumerate(rows):
-                e = enc[i]
-                n = len(e.ids)
-                ids[r, :n] = torch.tensor(e.ids)
-                mask[r, :n] = 1
-                start = 1 if opts.scope == "all" else max(e.n_prompt, 1)
-                b_idx.extend([r] * (n - start))
-                p_idx.extend(range(start - 1, n - 1))
-                first.append(start)
-            if not b_idx:
-                if bar:
-                    bar.update(int(mask.sum()))
-                continue
-            b = torch.tensor(b_idx)
-            pos = torch.tensor(p_idx)
-            # no padding in this batch: no mask, so attention can take its causal fast path
-            attn = None if bool(mask.all()) else mask.to(device)
-            hidden = body(
-                input_ids=ids.to(device), attention_mask=attn, use_cache=False
-            ).last_hidden_state
-            h = hidden[b.to(hidden.device), pos.to(hidden.device)].to(out_device)
-            targets = ids[b, pos + 1].to(out_device)
-            for s, st in _scored_chunks(h, targets, head, softcap, opts):
-                bad = ~st.pop("finite")
-                if bad.any():  # NaN, +inf or -inf among the logits: these rows exactly
-                    ids_of = [enc[rows[int(i)]].id for i in b[s : s + len(bad)]]
-                    st = _exact_rows(st, bad, h[s : s + len(bad)], targets[s : s + len(bad)],
-                                     head, softcap, ids_of, where)  # fmt: skip
-                for k in STAT_KEYS:
-                    cols[k].append(st[k].cpu())
-            batch_rows = torch.tensor(rows)[b]
-            cols["row"].append(batch_rows)
-            cols["position"].append(pos + 1)
-            cols["token_id"].append(ids[b, pos + 1])
-            n_prompt = torch.tensor([enc[i].n_prompt for i in rows])[b]
-            cols["is_prompt"].append(pos + 1 < n_prompt)
+            batch = [enc[i] for i in rows]
+            if seq2seq:  # the completions as decoder tokens given their prompts
+                got = _seq2seq_batch(body, head, softcap, batch, pad_id, device, where,
+                                     check=not checked)  # fmt: skip
+                checked = checked or got is not None
+            else:
+                got = _causal_batch(body, batch, pad_id, device, opts.scope)
+            if got is not None:
+                # b: batch row, pos: the scored token's position in prompt + completion
+                b, pos, tgt, h = got
+                h, targets = h.to(out_device), tgt.to(out_device)
+                for s, st in _scored_chunks(h, targets, head, softcap, opts):
+                    bad = ~st.pop("finite")
+                    if bad.any():  # NaN, +inf or -inf among the logits: these rows exactly
+                        ids_of = [batch[int(i)].id for i in b[s : s + len(bad)]]
+                        st = _exact_rows(st, bad, h[s : s + len(bad)], targets[s : s + len(bad)],
+                                         head, softcap, ids_of, where)  # fmt: skip
+                    for k in STAT_KEYS:
+                        cols[k].append(st[k].cpu())
+                cols["row"].append(torch.tensor(rows)[b])
+                cols["position"].append(pos)
+                cols["token_id"].append(tgt)
+                cols["is_prompt"].append(pos < torch.tensor([e.n_prompt for e in batch])[b])
             if bar:
-                bar.update(int(mask.sum()))
+                bar.update(sum(len(e.ids) for e in batch))
     if bar:
         bar.close()
 

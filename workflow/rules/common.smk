@@ -25,6 +25,7 @@ from reasonlab.plan import (  # noqa: E402
 )
 from reasonlab.report import generate as report_generate  # noqa: E402
 from reasonlab.report import interventions as report_interventions  # noqa: E402
+from reasonlab.report import traces as report_traces  # noqa: E402
 from reasonlab.report import overview as report_overview  # noqa: E402
 from reasonlab.report import training as report_training  # noqa: E402
 
@@ -231,6 +232,22 @@ def get_transfer_inputs(wildcards):
 
 def get_transfer_settings(wildcards):
     return PLAN.transfer_settings(wildcards.spec, wildcards.model2, wildcards.ckpt2)
+
+
+def get_step_inputs(wildcards):
+    return PLAN.step_inputs(wildcards.model, wildcards.ckpt, wildcards.textset)
+
+
+def get_embed_inputs(wildcards):
+    return PLAN.embed_inputs(wildcards.model, wildcards.ckpt, wildcards.dataset)
+
+
+def get_map_inputs(wildcards):
+    return PLAN.map_inputs(wildcards.group, wildcards.dataset)
+
+
+def get_map_members(wildcards):
+    return PLAN.map_members(wildcards.group, wildcards.dataset)
 
 
 def get_direction_args(wildcards, input):

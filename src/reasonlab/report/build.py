@@ -12,10 +12,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 
-from reasonlab.report import activations, generate, interventions, overview, score, training
+from reasonlab.report import (
+    activations,
+    generate,
+    interventions,
+    overview,
+    score,
+    traces,
+    training,
+)
 from reasonlab.report.html import render
 
-SECTIONS: tuple[ModuleType, ...] = (overview, generate, score, activations, interventions, training)
+SECTIONS: tuple[ModuleType, ...] = (
+    overview, generate, score, traces, activations, interventions, training,
+)  # fmt: skip
 
 
 def reads(stage: ModuleType) -> tuple[str, ...]:
