@@ -196,6 +196,7 @@ def test_sections_are_an_explicit_ordered_list():
         "overview",
         "generation",
         "token-scores",
+        "traces",
         "activations",
         "interventions",
         "training",

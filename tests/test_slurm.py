@@ -40,6 +40,7 @@ GPU_RULES = {
     "intervene",
     "transfer",
     "patch",
+    "embed",
 }
 
 
@@ -105,7 +106,8 @@ def test_gpu_rules_run_as_slurm_jobs_with_a_gpu(on_cluster):
         rule = re.match(r"rule_(\w+?)_wildcards", j.get("Comment", ""))
         assert rule, j
         by_rule.setdefault(rule.group(1), []).append(j)
-    assert {r: len(js) for r, js in by_rule.items()} == {"generate": 1, "grade": 1, "score": 2}
+    assert {r: len(js) for r, js in by_rule.items()} == {"generate": 1, "grade": 1, "score": 2,
+                                                         "trace_steps": 1, "embed": 1, "trace_map": 1}  # fmt: skip
     for rule, js in by_rule.items():
         for j in js:
             assert j["JobState"] == "COMPLETED" and j["ExitCode"] == "0:0"

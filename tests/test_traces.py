@@ -302,3 +302,43 @@ def test_the_section_renders_with_one_many_and_no_correct_trace(tmp_path, ckpts,
     )
     assert "Map of the traces: g, d" in doc and "Cluster composition by checkpoint" in doc
     assert traces.section({t: pl.read_parquet(p) for t, p in out.items()}, {})
+
+
+def test_prm800k_steps_are_split_where_labelled_and_correlated(tiny_model_dir, tmp_path):
+    """A PRM800K file prepared, its solutions scored under a model, split at the labelled steps
+    (one holds a blank line) and joined with their ratings."""
+    from test_data_prm800k import FOUND_ERROR, HUMAN, SOLVED
+
+    from reasonlab import data
+    from reasonlab.models import resolve, write_handle
+    from reasonlab.score import score_textset
+    from reasonlab.steps import steps_job
+
+    src = tmp_path / "prm.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in (SOLVED, FOUND_ERROR, HUMAN) * 2))
+    prepared = data.prepare({"source": str(src), "format": "prm800k"}, "prm")
+    data.write_prepared(
+        prepared, tmp_path / "prm.parquet", tmp_path / "r.jsonl", tmp_path / "s.json"
+    )
+    h = resolve("tiny", "base", {"source": str(tiny_model_dir), "checkpoints": {"base": None},
+                                 "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
+    write_handle(h, tmp_path / "h.json")
+    score_textset(tmp_path / "h.json", tmp_path / "prm.parquet", tmp_path / "t.parquet",
+                  tmp_path / "q.parquet", {}, name="prm")  # fmt: skip
+    info = steps_job(tmp_path / "t.parquet", tmp_path / "q.parquet", tmp_path / "prm.parquet",
+                     RULES, tmp_path / "steps.parquet", tmp_path / "steps.json")  # fmt: skip
+    steps = pl.read_parquet(tmp_path / "steps.parquet").sort("id", "step")
+    first = steps.filter(pl.col("id") == "1")
+    # "2+3 is 5." and "# Answer\n\n5": two labelled steps, the blank line inside the second kept
+    assert first["text"].to_list() == ["2+3 is 5.", "# Answer\n\n5"] and first[
+        "rating"
+    ].to_list() == [1, 1]
+    assert steps.filter(pl.col("id") == "2")["rating"].to_list() == [0, -1]
+    assert steps.filter(pl.col("id") == "3")["rating"].to_list() == [None, 1]
+    tokens = pl.read_parquet(tmp_path / "t.parquet").filter(~pl.col("is_prompt"))
+    one = tokens.filter(pl.col("id") == "1")
+    assert first["n_tokens"].sum() == one.height  # every solution token in one step
+    assert info["ratings"]["n_steps"] == 10 and set(info["ratings"]) >= {
+        "entropy_mean",
+        "by_rating",
+    }

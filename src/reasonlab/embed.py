@@ -174,7 +174,8 @@ def embed_job(generations_path, steps_path, model_name: str, model_label: str, s
                                               "results": results}, indent=1, ensure_ascii=False))  # fmt: skip
     table.write_parquet(out_path)
     rec = cp.record(placement, machine, "embed", embedding_model=model_name,
-                    seconds=round(seconds, 2), texts=len(keep), steps=n_steps)  # fmt: skip
+                    seconds=round(seconds, 2), texts=len(keep), steps=n_steps,
+                    without_text=len(texts) - len(keep))  # fmt: skip
     cp.write_record(rec, record_path)
     log.info("embedded %d traces and %d steps (%s, dim %d, %s) in %.1f s; %d without text",
              len(keep), n_steps, model_name, dim, placement.device, seconds, len(texts) - len(keep))  # fmt: skip
