@@ -113,3 +113,41 @@ def test_bad_inputs_are_one_clear_error(pair, tmp_path):
     ):
         check_tokenizers(tok, other, "tiny", "big")
     check_tokenizers(tok, AutoTokenizer.from_pretrained(tok.name_or_path))
+
+
+def test_agreement_and_quantile_thresholds(pair):
+    import numpy as np
+
+    from reasonlab.guided import agreement, quantile_threshold
+
+    base, oracle, tok = pair
+    ps = prompts(tok)
+    run = guided_generate(
+        base, oracle, tok, ps, Policy("never"), max_new_tokens=10, position_stats=True
+    )
+    stats = [s for r in run for s in r["position_stats"]]
+    assert len(stats) == sum(len(r["token_ids"]) for r in run)
+    t = quantile_threshold(stats, "entropy", 0.25)
+    assert t == pytest.approx(np.quantile([s["entropy"] for s in stats], 0.75))
+    assert quantile_threshold(stats, "top1", 0.25) == pytest.approx(
+        np.quantile([s["top1"] for s in stats], 0.25)
+    )
+    # agreement at a consultation point: recomputed from fresh forwards of both models
+    got = guided_generate(
+        base, oracle, tok, ps[:1], Policy("entropy", c=1, k=2, threshold=t), max_new_tokens=10
+    )
+    assert got[0]["consultations"]
+    for cons in got[0]["consultations"]:
+        ids = torch.tensor([ps[0] + got[0]["token_ids"][: cons["position"]]])
+        with torch.no_grad():
+            lb, lo = base(input_ids=ids).logits[0, -1], oracle(input_ids=ids).logits[0, -1]
+        want = agreement(lb, lo)
+        pb, po = torch.softmax(lb.double(), -1), torch.softmax(lo.double(), -1)
+        assert cons["kl"] == pytest.approx(float((pb * (pb.log() - po.log())).sum()), abs=1e-6)
+        m = 0.5 * (pb + po)
+        js = 0.5 * float((pb * (pb / m).log()).sum()) + 0.5 * float((po * (po / m).log()).sum())
+        assert (
+            cons["js"] == pytest.approx(js, abs=1e-6) and cons["top1_match"] == want["top1_match"]
+        )
+    same = agreement(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0]))
+    assert same == {"top1_match": True, "kl": 0.0, "js": pytest.approx(0.0, abs=1e-12)}

@@ -12,10 +12,12 @@ end-of-sequence or `max_new_tokens`. Rows that advance by different numbers of t
 in a cache: every forward pass carries the full 2-D attention mask (holes masked) and explicit
 position ids (each row's own count of real tokens), so a row's logits do not depend on the others.
 
-Status: the library loop with its policies and budget accounting (tested: c = 0 is the base's own
-greedy generation, `always` the oracle's, the budget is never exceeded). Not yet built: the
-workflow rule, the server oracle backend, the consultation-point attention statistics, the
-budget-matched quantile thresholds, the report (see the issue's closing note).
+Budget matching: `quantile_threshold` turns a target trigger rate into a threshold from a
+base-only run's statistics at every position (`position_stats=True`).
+
+Status: the library loop with its policies, budget accounting, agreement at consultation points
+and quantile thresholds (tested). Not yet built: the workflow rule, the server oracle backend, the
+attention statistics at consultation points, the report (see the issue's closing note).
 """
 
 from __future__ import annotations
@@ -161,11 +163,45 @@ def _choose(logits, temperature: float, rng: random.Random) -> int:
     )
 
 
+def agreement(base_logits, oracle_logits) -> dict:
+    """How the base's and the oracle's next-token distributions agree at one point: top-1 match,
+    KL(base ‖ oracle) and the Jensen–Shannon divergence (nats, float64)."""
+    import torch
+
+    lb = torch.log_softmax(base_logits.double(), -1)
+    lo = torch.log_softmax(oracle_logits.double(), -1)
+    pb, po = lb.exp(), lo.exp()
+    mid = (0.5 * (pb + po)).clamp_min(1e-300).log()
+    kl = float((pb * (lb - lo)).sum())
+    js = float(0.5 * (pb * (lb - mid)).sum() + 0.5 * (po * (lo - mid)).sum())
+    return {
+        "top1_match": bool(torch.argmax(lb) == torch.argmax(lo)),
+        "kl": max(kl, 0.0),
+        "js": max(js, 0.0),
+    }
+
+
+def quantile_threshold(stats: list[dict], name: str, fraction: float) -> float:
+    """The threshold at which the statistic `name` (entropy, varentropy, top1) of the base's own
+    positions (a base-only run's `position_stats`) fires at about `fraction` of them: above the
+    1 − fraction quantile (entropy, varentropy), below the fraction quantile (top1)."""
+    import numpy as np
+
+    values = np.asarray([s[name] for s in stats], dtype=np.float64)
+    if not len(values):
+        raise GuidedError("no base positions to take a quantile of (an empty base-only run)")
+    q = fraction if name == "top1" else 1.0 - fraction
+    return float(np.quantile(values, min(max(q, 0.0), 1.0)))
+
+
 def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: Policy,
-                    max_new_tokens: int = 256, temperature: float = 0.0) -> list[dict]:  # fmt: skip
+                    max_new_tokens: int = 256, temperature: float = 0.0,
+                    position_stats: bool = False) -> list[dict]:  # fmt: skip
     """Generate a completion of every prompt (token ids) with the base consulting the oracle under
     `policy`. Per row: tokens, their source, the consultations (position, the base's next-token
-    statistics there), oracle tokens, the oracle-token fraction, the finish reason."""
+    statistics there, the base–oracle agreement), oracle tokens, the oracle-token fraction, the
+    finish reason; with `position_stats`, the base's statistics at every position it wrote (for
+    `quantile_threshold`)."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     n = len(prompts)
@@ -173,6 +209,7 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
     b.feed([list(p) for p in prompts])
     o.feed([list(p) for p in prompts])
     rows = [Row() for _ in range(n)]
+    seen: list[list[dict]] = [[] for _ in range(n)]
     rng = random.Random(policy.seed)
     always = policy.name == "always"
     c = math.inf if always else policy.c
@@ -208,6 +245,8 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
             chunks: list[list[int]] = [[] for _ in range(n)]
             for r in live:
                 stats = next_token_stats(b.last[r])
+                if position_stats:
+                    seen[r].append(stats)
                 if len(rows[r].consultations) < c and fires(stats):
                     triggered.add(r)
                     rows[r].consultations.append(
@@ -235,6 +274,8 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
         if not triggered:
             continue
         o.sync()
+        for r in triggered:  # where the two models stand before the oracle writes
+            rows[r].consultations[-1].update(agreement(b.last[r], o.last[r]))
         for _ in range(k):
             live = [r for r in triggered if not rows[r].done]
             if not live:
@@ -252,4 +293,7 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
                     "n_consultations": len(row.consultations), "oracle_tokens": n_oracle,
                     "oracle_fraction": n_oracle / max(len(row.tokens), 1),
                     "finish_reason": row.finish_reason})  # fmt: skip
+    if position_stats:
+        for rec, st in zip(out, seen, strict=True):
+            rec["position_stats"] = st
     return out
