@@ -77,18 +77,27 @@ def check_tokenizers(
         )
 
 
-def next_token_stats(logits) -> dict:
-    """Entropy, varentropy, top-1 probability and top-1 minus top-2 probability of one next-token
-    distribution (float64), as the scorer defines them."""
+def batch_stats(logits) -> dict:
+    """Entropy, varentropy, top-1 probability and top-1 minus top-2 probability of each row of a
+    [rows, vocab] batch of next-token distributions (float64 tensors), as the scorer defines them."""
     import torch
 
     lp = torch.log_softmax(logits.double(), -1)
     p = lp.exp()
-    ent = -(p * lp).sum()
-    var = (p * (lp + ent) ** 2).sum()
-    top = torch.topk(p, 2).values
-    return {"entropy": float(ent), "varentropy": float(var), "top1": float(top[0]),
-            "top2_diff": float(top[0] - top[1])}  # fmt: skip
+    ent = -(p * lp).sum(-1)
+    var = (p * (lp + ent[:, None]) ** 2).sum(-1)
+    top = torch.topk(p, 2, dim=-1).values
+    return {
+        "entropy": ent,
+        "varentropy": var,
+        "top1": top[:, 0],
+        "top2_diff": top[:, 0] - top[:, 1],
+    }
+
+
+def next_token_stats(logits) -> dict:
+    """`batch_stats` of one next-token distribution, as floats."""
+    return {k: float(v[0]) for k, v in batch_stats(logits.reshape(1, -1)).items()}
 
 
 class Stream:
@@ -102,7 +111,9 @@ class Stream:
         self.cache = None
         self.mask = torch.zeros((rows, 0), dtype=torch.long, device=self.device)
         self.count = [0] * rows  # real tokens per row (the next position id)
-        self.last = [None] * rows  # each row's next-token logits (after its last real token)
+        self.last = None  # [rows, vocab]: each row's next-token logits (after its last real token)
+        self.decoder, self.head = model.get_decoder(), model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
         self.pending: list[list[int]] = [
             [] for _ in range(rows)
         ]  # the other model's tokens to feed
@@ -125,16 +136,27 @@ class Stream:
                 m[r, : len(c)] = 1
             pos[r] = torch.arange(self.count[r], self.count[r] + width)
         self.mask = torch.cat([self.mask, m.to(self.device)], 1)
+        fed = [r for r, c in enumerate(chunks) if c]
+        at = torch.tensor([len(chunks[r]) - 1 for r in fed], device=self.device)
+        rows_t = torch.tensor(fed, device=self.device)
         with torch.inference_mode():
-            out = self.model(input_ids=ids.to(self.device), attention_mask=self.mask,
-                             position_ids=pos.to(self.device), past_key_values=self.cache,
-                             use_cache=True)  # fmt: skip
+            out = self.decoder(input_ids=ids.to(self.device), attention_mask=self.mask,
+                               position_ids=pos.to(self.device), past_key_values=self.cache,
+                               use_cache=True)  # fmt: skip
+            # the output head only where a row's next token is predicted (a 150 k vocabulary over
+            # every prompt position would be most of the prefill's memory)
+            logits = self.head(out.last_hidden_state[rows_t, at]).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
         self.cache = out.past_key_values
         self.forwards += 1
-        for r, c in enumerate(chunks):
-            if c:
-                self.count[r] += len(c)
-                self.last[r] = out.logits[r, len(c) - 1].float().cpu()
+        if self.last is None:
+            self.last = torch.zeros(
+                (rows, logits.shape[-1]), dtype=torch.float32, device=self.device
+            )
+        self.last[rows_t] = logits
+        for r in fed:
+            self.count[r] += len(chunks[r])
 
     def sync(self) -> None:
         """Feed every row's pending tokens (the other model's)."""
@@ -226,14 +248,17 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
         elif len(row.tokens) >= max_new_tokens:
             row.done, row.finish_reason = True, "length"
 
-    def fires(stats: dict) -> bool:
+    def fires(st: dict):
+        """Per row of a batch of statistics: does the policy's statistic trigger fire?"""
+        import torch
+
         if policy.name == "entropy":
-            return stats["entropy"] > policy.threshold
+            return st["entropy"] > policy.threshold
         if policy.name == "varentropy":
-            return stats["varentropy"] > policy.threshold
+            return st["varentropy"] > policy.threshold
         if policy.name == "top1":
-            return stats["top1"] < policy.threshold
-        return always
+            return st["top1"] < policy.threshold
+        return torch.full(st["entropy"].shape, always, dtype=torch.bool)
 
     while not all(r.done for r in rows):
         b.sync()
@@ -243,17 +268,21 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
             if not live:
                 break
             chunks: list[list[int]] = [[] for _ in range(n)]
-            for r in live:
-                stats = next_token_stats(b.last[r])
+            logits = b.last[live]
+            st = batch_stats(logits) if position_stats or policy.name != "never" else None
+            fire = fires(st) if st is not None else None
+            greedy = logits.argmax(-1).tolist() if temperature <= 0 else None
+            for i, r in enumerate(live):
+                stats = {key: float(v[i]) for key, v in st.items()} if st is not None else None
                 if position_stats:
                     seen[r].append(stats)
-                if len(rows[r].consultations) < c and fires(stats):
+                if fire is not None and bool(fire[i]) and len(rows[r].consultations) < c:
                     triggered.add(r)
                     rows[r].consultations.append(
                         {"position": len(rows[r].tokens), "trigger": policy.name, **stats}
                     )
                     continue
-                tok = _choose(b.last[r], temperature, rng)
+                tok = greedy[i] if greedy is not None else _choose(logits[i], temperature, rng)
                 emit(r, tok, "base", o)
                 chunks[r] = [tok]
             b.feed(chunks)
@@ -274,15 +303,17 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
         if not triggered:
             continue
         o.sync()
-        for r in triggered:  # where the two models stand before the oracle writes
+        for r in sorted(triggered):  # where the two models stand before the oracle writes
             rows[r].consultations[-1].update(agreement(b.last[r], o.last[r]))
         for _ in range(k):
-            live = [r for r in triggered if not rows[r].done]
+            live = sorted(r for r in triggered if not rows[r].done)
             if not live:
                 break
             chunks = [[] for _ in range(n)]
-            for r in live:
-                tok = _choose(o.last[r], temperature, rng)
+            logits = o.last[live]
+            greedy = logits.argmax(-1).tolist() if temperature <= 0 else None
+            for i, r in enumerate(live):
+                tok = greedy[i] if greedy is not None else _choose(logits[i], temperature, rng)
                 emit(r, tok, "oracle", b)
                 chunks[r] = [tok]
             o.feed(chunks)
