@@ -342,3 +342,24 @@ def test_prm800k_steps_are_split_where_labelled_and_correlated(tiny_model_dir, t
         "entropy_mean",
         "by_rating",
     }
+
+
+def test_a_group_too_small_to_map_gets_a_note_not_a_failure(tmp_path):
+    from reasonlab.report import traces
+    from reasonlab.tracemap import trace_map_job
+
+    pl.DataFrame({"id": ["1"], "sample": [0], "step": pl.Series([None], dtype=pl.Int64), "kind": ["reasoning"],
+                  "n_windows": [1], "vector": [[0.6, 0.8]]}).write_parquet(tmp_path / "e.parquet")  # fmt: skip
+    pl.DataFrame({"id": ["1"], "sample": [0], "reasoning": ["Step 1: 2."], "completion": ["Step 1: 2."],
+                  "answer": ["2"], "correct": [True], "n_completion_tokens": [4]}).write_parquet(tmp_path / "g.parquet")  # fmt: skip
+    member = {"model": "m", "ckpt": "c", "order": 0, "embeddings": str(tmp_path / "e.parquet"),
+              "generations": str(tmp_path / "g.parquet"), "steps": None}  # fmt: skip
+    info = trace_map_job("solo", [member], MapOptions(), str(tmp_path / "map"))
+    assert info["k"] is None and info["notes"] == [
+        "traces.groups.solo: 1 embedded trace(s); a map and clusters need several"
+    ]
+    out = {t: tmp_path / f"{t}.parquet" for t in traces.TABLES}
+    traces.aggregate_traces(["map/solo/-/0/d"], [tmp_path / "map.points.parquet"], out)
+    blocks = traces.section({t: pl.read_parquet(p) for t, p in out.items()}, {})
+    html = "".join(b.markup for b in blocks if hasattr(b, "markup"))
+    assert "a map and clusters need several" in html

@@ -193,13 +193,17 @@ def trace_map_job(group: str, members: list[dict], opts: MapOptions, out_prefix:
         if any(len(v) for v in vecs)
         else np.zeros((0, 1))
     )
-    notes = []
-    if len(x) < 2:
-        raise MapError(f"traces.groups.{group}: {len(x)} embedded trace(s); a map needs several")
-    xy, note2 = project(x, 2, opts)
-    xyz, note3 = project(x, 3, opts)
-    labels, sil, note_k = cluster(x, opts)
-    notes += [n for n in (note2, note3, note_k) if n]
+    if len(x) < 3:  # nothing to map or cluster: a note in the report, not a failed job
+        xy = xyz = labels = None
+        sil: dict = {}
+        notes = [
+            f"traces.groups.{group}: {len(x)} embedded trace(s); a map and clusters need several"
+        ]
+    else:
+        xy, note2 = project(x, 2, opts)
+        xyz, note3 = project(x, 3, opts)
+        labels, sil, note_k = cluster(x, opts)
+        notes = [n for n in (note2, note3, note_k) if n]
     nan = np.full(len(x), np.nan)
     points = points.with_columns(
         x=pl.Series(xy[:, 0] if xy is not None else nan), y=pl.Series(xy[:, 1] if xy is not None else nan),
