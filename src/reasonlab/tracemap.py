@@ -18,13 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reasonlab import ReasonlabError
 
 log = logging.getLogger(__name__)
-
-
-class MapError(ReasonlabError):
-    """Bad map options or inputs."""
 
 
 @dataclass(frozen=True)
