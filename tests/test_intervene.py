@@ -25,9 +25,9 @@ ARCHS = ["qwen2", "gpt2"]  # a block returning a tensor, and one returning a tup
 SMALL = synth.DemoSizes(eval=6, pool_per_type=1, control=1, pretrain=1, pairs=8)
 
 
-def job_inputs(model_dir, tmp_path, rows: list[dict], name: str) -> None:
-    """What a job reads: `h.json` (a handle of `model_dir`) and `{name}.parquet` (rows, MATH format,
-    prepared as the workflow prepares a dataset)."""
+def job_inputs(model_dir, tmp_path, rows: list[dict], name: str, fmt: str = "math") -> None:
+    """What a job reads: `h.json` (a handle of `model_dir`) and `{name}.parquet` (rows in format
+    `fmt`, prepared as the workflow prepares a dataset)."""
     import json
 
     from reasonlab import data
@@ -37,7 +37,7 @@ def job_inputs(model_dir, tmp_path, rows: list[dict], name: str) -> None:
                                  "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
     write_handle(h, tmp_path / "h.json")
     (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    prepared = data.prepare({"source": str(tmp_path / f"{name}.jsonl"), "format": "math"}, name)
+    prepared = data.prepare({"source": str(tmp_path / f"{name}.jsonl"), "format": fmt}, name)
     data.write_prepared(prepared, tmp_path / f"{name}.parquet", tmp_path / f"{name}.rejects.jsonl",
                         tmp_path / f"{name}.summary.json")  # fmt: skip
 

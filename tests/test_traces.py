@@ -308,21 +308,12 @@ def test_prm800k_steps_are_split_where_labelled_and_correlated(tiny_model_dir, t
     """A PRM800K file prepared, its solutions scored under a model, split at the labelled steps
     (one holds a blank line) and joined with their ratings."""
     from test_data_prm800k import FOUND_ERROR, HUMAN, SOLVED
+    from test_intervene import job_inputs
 
-    from reasonlab import data
-    from reasonlab.models import resolve, write_handle
     from reasonlab.score import score_textset
     from reasonlab.steps import steps_job
 
-    src = tmp_path / "prm.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in (SOLVED, FOUND_ERROR, HUMAN) * 2))
-    prepared = data.prepare({"source": str(src), "format": "prm800k"}, "prm")
-    data.write_prepared(
-        prepared, tmp_path / "prm.parquet", tmp_path / "r.jsonl", tmp_path / "s.json"
-    )
-    h = resolve("tiny", "base", {"source": str(tiny_model_dir), "checkpoints": {"base": None},
-                                 "dtype": "float32", "tokenizer": None, "download": False})  # fmt: skip
-    write_handle(h, tmp_path / "h.json")
+    job_inputs(tiny_model_dir, tmp_path, [SOLVED, FOUND_ERROR, HUMAN] * 2, "prm", fmt="prm800k")
     score_textset(tmp_path / "h.json", tmp_path / "prm.parquet", tmp_path / "t.parquet",
                   tmp_path / "q.parquet", {}, name="prm")  # fmt: skip
     info = steps_job(tmp_path / "t.parquet", tmp_path / "q.parquet", tmp_path / "prm.parquet",
