@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--map-sizes", type=int, nargs="*", default=[1000, 10000])
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (float32)")
+    ap.add_argument("--model", default=None, help="a sentence-transformers directory (default: "
+                    "the bundled all-MiniLM-L6-v2)")  # fmt: skip
     a = ap.parse_args()
 
     import numpy as np
@@ -67,7 +70,7 @@ def main() -> None:
     from reasonlab.tracemap import MapOptions, cluster, project
 
     torch.set_num_threads(a.threads)
-    model = load_embedder(resolve_embedder(None))
+    model = load_embedder(resolve_embedder(a.model), a.device)
     xs = texts(model.tokenizer, a.synthetic)
     n_tok = [len(i) for i in model.tokenizer(xs, add_special_tokens=False)["input_ids"]]
     long = sum(n > model.max_seq_length - 2 for n in n_tok)
@@ -86,6 +89,8 @@ def main() -> None:
             if r % 2 == 0
             else (("loop", loop), ("reasonlab", ours))
         ):
+            if a.device.startswith("cuda"):
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             got = fn()
             times[name].append(time.perf_counter() - t0)
@@ -117,6 +122,7 @@ def main() -> None:
         "traces": len(xs),
         "median_tokens": int(np.median(n_tok)),
         "threads": a.threads,
+        "device": a.device,
         "batch_size": a.batch_size,
         "reasonlab_per_s": round(len(xs) / med["reasonlab"], 2),
         "loop_per_s": round(len(xs) / med["loop"], 2),

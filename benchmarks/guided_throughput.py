@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def seed_style(base, oracle, prompts, threshold, c, k, step, max_new, eos):
+def seed_style(base, oracle, prompts, threshold, c, k, step, max_new, eos, device="cpu"):
     """One problem at a time; fresh `generate` calls on the full prefix for every step and chunk."""
     import torch
 
@@ -41,7 +41,7 @@ def seed_style(base, oracle, prompts, threshold, c, k, step, max_new, eos):
     for p in prompts:
         toks, used = [], 0
         while len(toks) < max_new and (not toks or toks[-1] != eos):
-            ids = torch.tensor([p + toks])
+            ids = torch.tensor([p + toks], device=device)
             n = min(step, max_new - len(toks))
             with torch.no_grad():
                 g = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
@@ -60,7 +60,7 @@ def seed_style(base, oracle, prompts, threshold, c, k, step, max_new, eos):
             if eos in toks:
                 break
             used += 1
-            ids = torch.tensor([p + toks])
+            ids = torch.tensor([p + toks], device=device)
             with torch.no_grad():
                 o = oracle.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                     max_new_tokens=min(k, max_new - len(toks)), do_sample=False,
@@ -72,6 +72,13 @@ def seed_style(base, oracle, prompts, threshold, c, k, step, max_new, eos):
     return out
 
 
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def run_pair(base_dir, oracle_dir, prompts, a, check: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,8 +86,8 @@ def run_pair(base_dir, oracle_dir, prompts, a, check: bool) -> dict:
     from reasonlab.guided import Policy, guided_generate, quantile_threshold
 
     tok = AutoTokenizer.from_pretrained(base_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    oracle = AutoModelForCausalLM.from_pretrained(oracle_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval().to(a.device)
+    oracle = AutoModelForCausalLM.from_pretrained(oracle_dir, dtype=torch.float32).eval().to(a.device)
     eos = tok.eos_token_id
     free = guided_generate(
         base, oracle, tok, prompts, Policy("never"), a.max_new, position_stats=True
@@ -94,7 +101,7 @@ def run_pair(base_dir, oracle_dir, prompts, a, check: bool) -> dict:
         ]
 
     def seed():
-        return seed_style(base, oracle, prompts, threshold, 4, 8, 8, a.max_new, eos)
+        return seed_style(base, oracle, prompts, threshold, 4, 8, 8, a.max_new, eos, a.device)
 
     ours(), seed()  # warm-up
     times = {"reasonlab": [], "seed_style": []}
@@ -106,8 +113,10 @@ def run_pair(base_dir, oracle_dir, prompts, a, check: bool) -> dict:
             else (("seed_style", seed), ("reasonlab", ours))
         )
         for name, fn in order:
+            sync(a.device)
             t0 = time.perf_counter()
             got[name] = fn()
+            sync(a.device)
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = sum(len(t) for t in got["reasonlab"])
@@ -127,6 +136,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (float32)")
     ap.add_argument("--pairs", nargs="+", default=["demo", "large"], choices=["demo", "large"])
     ap.add_argument("--base", default=str(ROOT / "results/training/tiny-pt/output/checkpoint-200"))
     ap.add_argument("--oracle", default=str(ROOT / "results/training/tiny-pt/output"))
@@ -151,6 +161,7 @@ def main() -> None:
             results["large"] = run_pair(models["large"], models["large"], prompts, a, check=False)
             print(f"hidden-512 x 8-layer pair: {results['large']}", flush=True)
     head = results.get("demo_pair") or results.get("large") or {}
+    results["device"] = a.device
     print(json.dumps({"ratio": head.get("ratio"), "identical": results.get("demo_pair", {}).get("identical"),
                       "large_ratio": results.get("large", {}).get("ratio"), **results}))  # fmt: skip
 

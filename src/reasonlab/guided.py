@@ -258,7 +258,7 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
             return st["varentropy"] > policy.threshold
         if policy.name == "top1":
             return st["top1"] < policy.threshold
-        return torch.full(st["entropy"].shape, always, dtype=torch.bool)
+        return torch.full(st["entropy"].shape, always, dtype=torch.bool, device=st["entropy"].device)
 
     while not all(r.done for r in rows):
         b.sync()
@@ -270,13 +270,15 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
             chunks: list[list[int]] = [[] for _ in range(n)]
             logits = b.last[live]
             st = batch_stats(logits) if position_stats or policy.name != "never" else None
-            fire = fires(st) if st is not None else None
+            # one transfer per step from the device: the statistics, the trigger and the tokens
+            fire = fires(st).tolist() if st is not None else None
+            host = {key: v.tolist() for key, v in st.items()} if st is not None else None
             greedy = logits.argmax(-1).tolist() if temperature <= 0 else None
             for i, r in enumerate(live):
-                stats = {key: float(v[i]) for key, v in st.items()} if st is not None else None
+                stats = {key: v[i] for key, v in host.items()} if host is not None else None
                 if position_stats:
                     seen[r].append(stats)
-                if fire is not None and bool(fire[i]) and len(rows[r].consultations) < c:
+                if fire is not None and fire[i] and len(rows[r].consultations) < c:
                     triggered.add(r)
                     rows[r].consultations.append(
                         {"position": len(rows[r].tokens), "trigger": policy.name, **stats}
