@@ -16,6 +16,7 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/traces.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/interventions.smk"
+include: "workflow/rules/guided.smk"
 include: "workflow/rules/training.smk"
 include: "workflow/rules/report.smk"
 

@@ -87,7 +87,9 @@ def run_pair(base_dir, oracle_dir, prompts, a, check: bool) -> dict:
 
     tok = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval().to(a.device)
-    oracle = AutoModelForCausalLM.from_pretrained(oracle_dir, dtype=torch.float32).eval().to(a.device)
+    oracle = (
+        AutoModelForCausalLM.from_pretrained(oracle_dir, dtype=torch.float32).eval().to(a.device)
+    )
     eos = tok.eos_token_id
     free = guided_generate(
         base, oracle, tok, prompts, Policy("never"), a.max_new, position_stats=True

@@ -667,6 +667,83 @@ def aggregate_interventions(a, log):
                                   a.patch_jobs, a.patch_paths)  # fmt: skip
 
 
+# ----------------------------------------------------------------------------- guided inference
+
+
+@step(
+    "guide",
+    "a base checkpoint consulting an oracle under one policy, its whole grid (seed 004)",
+    lambda p: (
+        p.add_argument("--base", required=True, help="the base model's handle"),
+        p.add_argument("--oracle", required=True, help="the oracle model's handle"),
+        p.add_argument("--data", required=True, help="a prepared dataset"),
+        p.add_argument("--policy", required=True, help="never, always, random, entropy, ..."),
+        p.add_argument("--settings", type=_json, default={}, help="guided: grid, budgets, ... (JSON)"),
+        p.add_argument("--out-prefix", required=True,
+                       help="writes PREFIX.{problems,cells,points}.parquet"),
+        p.add_argument("--batch-size", type=int, default=64, help="problems per batch (speed only)"),
+        p.add_argument("--threads", type=int),
+        _compute_arguments(p),
+    ),
+)  # fmt: skip
+def guide(a, log):
+    from reasonlab.guided import guided_job
+
+    pre = a.out_prefix
+    guided_job(a.base, a.oracle, a.data, a.policy, a.settings, f"{pre}.problems.parquet",
+               f"{pre}.cells.parquet", f"{pre}.points.parquet", _request(a), a.threads,
+               a.batch_size, a.record)  # fmt: skip
+
+
+@step(
+    "guided-view",
+    "print a guided job's traces with the oracle's tokens coloured (seed 004's --verbose)",
+    lambda p: (
+        p.add_argument("--problems", required=True, help="a guide job's .problems.parquet"),
+        p.add_argument("--cell", help="the cell (default: every cell)"),
+        p.add_argument("--id", help="one problem (default: the first --limit)"),
+        p.add_argument("--limit", type=int, default=3),
+    ),
+)
+def guided_view(a, log):
+    import polars as pl
+
+    from reasonlab.guided import ansi_view
+
+    df = pl.read_parquet(a.problems)
+    if a.cell:
+        df = df.filter(pl.col("cell") == a.cell)
+    ids = [a.id] if a.id else df["id"].unique(maintain_order=True).head(a.limit).to_list()
+    if not df.height:
+        raise SystemExit(
+            f"{a.problems}: no cell {a.cell!r} (cells: {sorted(set(pl.read_parquet(a.problems)['cell']))})"
+        )
+    for r in df.filter(pl.col("id").is_in(ids)).iter_rows(named=True):
+        mark = "correct" if r["correct"] else "wrong"
+        print(
+            f"== {r['cell']} · {r['id']} · answer {r['answer']} ({mark}; reference "
+            f"{r['reference']}) · oracle {r['oracle_fraction']:.0%}"
+        )
+        print(ansi_view(json.loads(r["segments"])))
+
+
+@step(
+    "aggregate-guided",
+    "every guided-inference job's cells, consultation points, traces and paired tests",
+    lambda p: (
+        p.add_argument(
+            "--jobs", nargs="*", default=[], help="model/ckpt/model2/ckpt2/dataset/policy"
+        ),
+        p.add_argument("--paths", nargs="*", default=[], help="each job's cells table, aligned"),
+        p.add_argument("--out-dir", required=True),
+    ),
+)
+def aggregate_guided(a, log):
+    from reasonlab.report import guided as stage
+
+    stage.aggregate_guided(a.jobs, a.paths, _out(stage.TABLES, a.out_dir))
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -249,6 +249,7 @@ def _check_references(config: dict) -> None:
     problems += _analysis_problems(config)
     problems += _intervention_problems(config)
     problems += _trace_problems(config)
+    problems += _guided_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -432,6 +433,36 @@ def _trace_problems(config: dict) -> list[str]:
         lo, hi = tr.get(key, [1, 1])
         if lo > hi:
             problems.append(f"traces.{key}: {[lo, hi]} is not [low, high]")
+    return problems
+
+
+def _guided_problems(config: dict) -> list[str]:
+    """`guided`: pairs of defined <model>/<ckpt>, no pair twice; datasets defined; budgets or
+    thresholds for the statistic policies."""
+    gd, problems = config.get("guided") or {}, []
+    seen = set()
+    for i, pair in enumerate(gd.get("pairs") or []):
+        for side in ("base", "oracle"):
+            model, _, ckpt = pair[side].partition("/")
+            if model not in config["models"] or ckpt not in config["models"][model]["checkpoints"]:
+                problems.append(f"guided.pairs[{i}].{side}: {pair[side]!r} is not a <model>/<ckpt> "
+                                "defined under models")  # fmt: skip
+        key = (pair["base"], pair["oracle"])
+        if key in seen:
+            problems.append(f"guided.pairs[{i}]: {pair['base']} + {pair['oracle']} is listed twice")
+        seen.add(key)
+    for i, d in enumerate(gd.get("datasets") or []):
+        if d not in config["datasets"]:
+            problems.append(f"guided.datasets[{i}]: {d!r} is not defined under datasets")
+    if gd.get("pairs") and not gd.get("datasets"):
+        problems.append("guided.datasets: guided.pairs is set but no dataset is listed")
+    for p in gd.get("policies") or []:
+        if (
+            p in ("entropy", "varentropy", "top1")
+            and not gd.get("budgets")
+            and p not in (gd.get("thresholds") or {})
+        ):
+            problems.append(f"guided.policies: {p} needs guided.budgets or guided.thresholds.{p}")
     return problems
 
 

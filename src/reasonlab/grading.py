@@ -178,3 +178,17 @@ CARRIED = ("level", "type")  # dataset columns a graded table carries over, for 
 
 def _text(v) -> str | None:
     return None if v is None else str(v)
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict:
+    """McNemar's exact test of paired outcomes (the same problems under two systems): the
+    discordant counts (a right and b wrong, the reverse) and the two-sided binomial p-value."""
+    from scipy.stats import binomtest
+
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes of different lengths ({len(a)} vs {len(b)})")
+    only_a = sum(bool(x) and not bool(y) for x, y in zip(a, b, strict=True))
+    only_b = sum(bool(y) and not bool(x) for x, y in zip(a, b, strict=True))
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(binomtest(only_a, n, 0.5).pvalue)
+    return {"n": len(a), "only_a": only_a, "only_b": only_b, "p_value": p}

@@ -15,21 +15,37 @@ position ids (each row's own count of real tokens), so a row's logits do not dep
 Budget matching: `quantile_threshold` turns a target trigger rate into a threshold from a
 base-only run's statistics at every position (`position_stats=True`).
 
-Status: the library loop with its policies, budget accounting, agreement at consultation points
-and quantile thresholds (tested). Not yet built: the workflow rule, the server oracle backend, the
-attention statistics at consultation points, the report (see the issue's closing note).
+Budget-matched grids (`calibrate`): a statistic policy's threshold is searched as a quantile of
+the base's own statistic, the random policy's rate as a multiple of its schedule, until the
+realised oracle-token fraction (a trace's oracle tokens ÷ all its generated tokens, averaged over
+the problems) lands within a relative tolerance of the target; the realised fraction is recorded.
+
+At each consultation point: the base's next-token statistics (the scorer's definitions), the
+base–oracle agreement (top-1 match, KL, Jensen–Shannon), and, from one extra forward pass over the
+finished traces (`attention_stats`), the base's attention entropy at a configured layer (each
+head's entropy over the valid context only — padding and future positions never enter the softmax
+— divided by log(context length); mean and variance across heads) and the interaction strength
+(the mean absolute pre-softmax attention score over the same keys).
+
+`guided_job` is the `guide` rule: one (base, oracle, dataset, policy) with its grid of (c, k,
+step size) × budgets, graded by the grading stage's parser.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from reasonlab import ReasonlabError
 
 POLICIES = ("never", "always", "random", "entropy", "varentropy", "top1", "structural")
+STATISTIC = {"entropy": "entropy", "varentropy": "varentropy", "top1": "top1"}
+log = logging.getLogger(__name__)
 
 
 class GuidedError(ReasonlabError):
@@ -258,7 +274,9 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
             return st["varentropy"] > policy.threshold
         if policy.name == "top1":
             return st["top1"] < policy.threshold
-        return torch.full(st["entropy"].shape, always, dtype=torch.bool, device=st["entropy"].device)
+        return torch.full(
+            st["entropy"].shape, always, dtype=torch.bool, device=st["entropy"].device
+        )
 
     while not all(r.done for r in rows):
         b.sync()
@@ -330,3 +348,386 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
         for rec, st in zip(out, seen, strict=True):
             rec["position_stats"] = st
     return out
+
+
+# ---------------------------------------------------------------- attention at consultation points
+
+PROBE = "reasonlab_attention_probe"
+
+
+def _register_probe() -> None:
+    """An attention implementation that computes what sdpa computes and, at the probed layer,
+    records each requested query's statistics (registered once, by name)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def probe(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        state = getattr(module, "_reasonlab_probe", None)
+        if state is not None:
+            state.record(query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)  # fmt: skip
+
+    AttentionInterface.register(PROBE, probe)
+    AttentionMaskInterface.register(PROBE, sdpa_mask)
+
+
+class _ProbeState:
+    def __init__(self, valid, queries):
+        self.valid, self.queries, self.out = valid, queries, None
+
+    def record(self, query, key, scaling) -> None:
+        import torch
+
+        groups = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        out = []
+        for b, qs in enumerate(self.queries):
+            if not qs:
+                out.append([])
+                continue
+            idx = torch.tensor(qs, device=query.device)
+            scores = (query[b][:, idx].double() @ key[b].double().transpose(-1, -2)) * scaling
+            n_keys = scores.shape[-1]
+            causal = torch.arange(n_keys, device=query.device)[None, :] <= idx[:, None]
+            ok = causal & self.valid[b][None, :n_keys].bool()  # [queries, keys]: the valid context
+            n = ok.sum(-1)  # context length of each query
+            lp = torch.log_softmax(scores.masked_fill(~ok, -math.inf), -1)
+            p = lp.exp()
+            ent = -(p * lp.masked_fill(~ok, 0.0)).sum(-1)  # [heads, queries], nats
+            norm = ent / torch.log(n.double()).clamp_min(1e-12)[None, :]
+            norm = torch.where(n[None, :] > 1, norm, torch.zeros_like(norm))
+            inter = (scores.abs() * ok).sum(-1) / n[None, :]  # [heads, queries]
+            out.append([{"attn_entropy": float(norm[:, i].mean()),
+                         "attn_varentropy": float(norm[:, i].var(unbiased=False)),
+                         "interaction": float(inter[:, i].mean()), "context": int(n[i])}
+                        for i in range(len(qs))])  # fmt: skip
+        self.out = out
+
+
+def attention_stats(model, sequences: list[list[int]], queries: list[list[int]], layer: int = -1,
+                    pad: int = 0, batch_size: int = 8) -> list[list[dict]]:  # fmt: skip
+    """At each row's query indices (positions in its token sequence whose next-token distribution
+    is asked about), the attention statistics of the decoder layer `layer` (negative: from the end)
+    in one forward pass per batch: `attn_entropy` (the mean over heads of each head's attention
+    entropy over the valid context, ÷ log of the context length), `attn_varentropy` (their variance
+    across heads), `interaction` (the mean absolute pre-softmax score over the valid context,
+    averaged over heads) and `context` (keys attended to). Right padding; the model's attention
+    implementation is restored afterwards."""
+    import torch
+
+    from reasonlab.activations import decoder_parts
+    from reasonlab.models import input_device
+
+    layers = decoder_parts(model).layers
+    if not -len(layers) <= layer < len(layers):
+        raise GuidedError(f"attention layer {layer} is out of range ({len(layers)} layers)")
+    attn = _attention_module(layers[layer])
+    _register_probe()
+    before = model.config._attn_implementation
+    device = input_device(model)
+    out: list[list[dict]] = [[] for _ in sequences]
+    todo = [i for i, q in enumerate(queries) if q]
+    model.set_attn_implementation(PROBE)
+    try:
+        for s in range(0, len(todo), batch_size):
+            rows = todo[s : s + batch_size]
+            width = max(len(sequences[r]) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, r in enumerate(rows):
+                ids[j, : len(sequences[r])] = torch.tensor(sequences[r])
+                mask[j, : len(sequences[r])] = 1
+            state = _ProbeState(mask.to(device), [queries[r] for r in rows])
+            attn._reasonlab_probe = state
+            with torch.inference_mode():  # the decoder alone: no output head is needed
+                model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                    use_cache=False)  # fmt: skip
+            for j, r in enumerate(rows):
+                out[r] = state.out[j]
+    finally:
+        attn.__dict__.pop("_reasonlab_probe", None)
+        model.set_attn_implementation(before)
+    return out
+
+
+def _attention_module(layer):
+    for name in ("self_attn", "attn", "attention", "self_attention"):
+        if hasattr(layer, name):
+            return getattr(layer, name)
+    raise GuidedError(f"no attention module found in {type(layer).__name__}")
+
+
+# ---------------------------------------------------------------- budget matching
+
+
+def realised_fraction(runs: list[dict]) -> float:
+    """The mean over problems of each trace's oracle-token fraction."""
+    return sum(r["oracle_fraction"] for r in runs) / max(len(runs), 1)
+
+
+def calibrate(run, policy: Policy, target: float, base_stats: list[dict], max_new_tokens: int,
+              runs: int = 6, tolerance: float = 0.1) -> tuple[Policy, list[dict], dict]:  # fmt: skip
+    """Search the knob of `policy` — a statistic trigger's firing rate among the base's own
+    positions (its threshold the matching quantile of `base_stats`), or the random trigger's
+    schedule multiple — until `run(policy)`'s realised oracle-token fraction is within `tolerance`
+    (relative) of `target`, in at most `runs` runs (geometric bisection once bracketed). Returns
+    the closest (policy, results, info: target, realised, knob, runs, matched)."""
+    stat = STATISTIC.get(policy.name)
+    per = policy.k / max(1.0 - target, 1e-6)
+    if stat:
+        x, top = min(1.0, target / per), 1.0
+    else:
+        p = target * policy.step_size / per
+        x, top = p / max(policy.p0 + policy.slope * max_new_tokens / 2, 1e-9), math.inf
+
+    def make(x: float) -> Policy:
+        if stat:
+            return replace(policy, threshold=quantile_threshold(base_stats, stat, x))
+        return replace(policy, p0=policy.p0 * x, slope=policy.slope * x)
+
+    lo = hi = None
+    best, used = None, 0
+    for _ in range(runs):
+        used += 1
+        pol = make(x)
+        res = run(pol)
+        f = realised_fraction(res)
+        err = abs(f / target - 1.0) if target > 0 else abs(f)
+        if best is None or err < best[3]:
+            best = (pol, res, x, err, f)
+        if err <= tolerance:
+            break
+        if f < target:
+            lo = x if lo is None else max(lo, x)
+        else:
+            hi = x if hi is None else min(hi, x)
+        if lo is not None and hi is not None:
+            x = math.sqrt(lo * hi)
+        elif f < target:
+            if x >= top:
+                break  # the trigger already fires everywhere: the budget is out of reach (c, k)
+            x = min(top, x * (target / f if f > 0 else 4.0))
+        else:
+            x = x * target / f
+    pol, res, x, err, f = best
+    info = {"target": target, "realised": f, "knob": x, "runs": used,
+            "matched": err <= tolerance, "threshold": pol.threshold,
+            "rate": x if not stat else None}  # fmt: skip
+    return pol, res, info
+
+
+# ---------------------------------------------------------------- traces as text
+
+
+def segments(tokenizer, tokens: list[int], source: list[str]) -> list[dict]:
+    """A trace as consecutive runs of one source: [{source, text, start, n}]."""
+    out, start = [], 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or source[i] != source[start]:
+            out.append({"source": source[start], "start": start, "n": i - start,
+                        "text": tokenizer.decode(tokens[start:i])})  # fmt: skip
+            start = i
+    return out
+
+
+def ansi_view(segs: list[dict]) -> str:
+    """Seed 004's `--verbose` view: oracle tokens in bold yellow, base tokens plain."""
+    return "".join(
+        f"\x1b[1;33m{s['text']}\x1b[0m" if s["source"] == "oracle" else s["text"] for s in segs
+    )
+
+
+# ---------------------------------------------------------------- the `guide` rule
+
+
+def grid_cells(policy: str, settings: dict) -> list[dict]:
+    """The (c, k, step size, budget) cells a policy runs: `never` and `always` one cell each; a
+    statistic or random policy every (c, k, step) × budget target (or × fixed threshold); the
+    structural one every (c, k, step), its fraction whatever the text gives."""
+    if policy in ("never", "always"):
+        return [{"c": 0 if policy == "never" else None, "k": None, "step_size": 8,
+                 "target": 0.0 if policy == "never" else 1.0, "threshold": None}]  # fmt: skip
+    g = settings["grid"]
+    base = [
+        {"c": c, "k": k, "step_size": s} for c in g["c"] for k in g["k"] for s in g["step_size"]
+    ]
+    fixed = (settings.get("thresholds") or {}).get(policy)
+    if policy == "structural":
+        return [b | {"target": None, "threshold": None} for b in base]
+    if fixed:
+        return [b | {"target": None, "threshold": t} for b in base for t in fixed]
+    return [b | {"target": f, "threshold": None} for b in base for f in settings["budgets"]]
+
+
+def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings: dict,
+               problems_path, cells_path, points_path, compute=None, threads=None,
+               batch_size: int = 64, record_path=None, progress: bool = True) -> dict:  # fmt: skip
+    """One `guide` job: the base checkpoint consulting the oracle checkpoint under one policy over
+    the first `max_prompts` rows of a dataset, for every cell of the grid (`grid_cells`), both
+    models loaded once. Writes every problem of every cell (`problems_path`: the generation
+    schema's graded columns, sources, consultations with their statistics), one row per cell
+    (`cells_path`: accuracy with its Wilson interval, realised oracle-token fraction against its
+    target, consultations) and one row per consultation point (`points_path`)."""
+    import time
+
+    import polars as pl
+    import torch
+
+    from reasonlab import compute as cp
+    from reasonlab.data import read_dataset
+    from reasonlab.generate import COLUMNS, GenOptions, render_prompts, to_frame
+    from reasonlab.grading import grade_table, wilson
+    from reasonlab.models import load_placed, read_handle
+
+    if threads:
+        torch.set_num_threads(threads)
+    hb, ho = read_handle(base_handle), read_handle(oracle_handle)
+    where = f"guided {hb.model}/{hb.ckpt} + {ho.model}/{ho.ckpt} {policy_name}"
+    data = read_dataset(data_path)
+    if settings.get("max_prompts"):
+        data = data.head(settings["max_prompts"])
+    machine, placement, base, tok = load_placed(hb, compute, where)
+    _, _, oracle, otok = load_placed(ho, compute, where)
+    check_tokenizers(tok, otok, f"{hb.model}/{hb.ckpt}", f"{ho.model}/{ho.ckpt}")
+    opts = GenOptions(backend="transformers", template=settings.get("template") or "chat",
+                      system=settings.get("system"), max_new_tokens=settings["max_new_tokens"])  # fmt: skip
+    rows = data.to_dicts()
+    prompts = render_prompts(rows, tok, opts)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    max_new, temp = settings["max_new_tokens"], float(settings.get("temperature") or 0.0)
+    seed = int(settings.get("seed") or 0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def run(policy: Policy, stats: bool = False) -> list[dict]:
+        out = []
+        for s in range(0, len(ids), batch_size):
+            out += guided_generate(base, oracle, tok, ids[s : s + batch_size], policy, max_new,
+                                   temp, position_stats=stats)  # fmt: skip
+        return out
+
+    t0 = time.perf_counter()
+    base_stats = None
+    cells = grid_cells(policy_name, settings)
+    if policy_name in STATISTIC and any(c["target"] is not None for c in cells):
+        free = run(Policy("never", seed=seed), stats=True)  # the base's own statistics
+        base_stats = [s for r in free for s in r["position_stats"]]
+    problems, summary, points = [], [], []
+    for ci, cell in enumerate(cells):
+        pol = cell_policy(policy_name, cell, settings)
+        info = {"target": cell["target"], "runs": 1, "matched": None, "rate": None,
+                "threshold": cell["threshold"]}  # fmt: skip
+        if cell["target"] is not None and policy_name in (*STATISTIC, "random"):
+            pol, res, info = calibrate(run, pol, cell["target"], base_stats or [], max_new,
+                                       settings.get("calibration_runs", 6),
+                                       settings.get("tolerance", 0.1))  # fmt: skip
+        else:
+            res = run(pol)
+        name = _cell_name(policy_name, cell, info)
+        # the attention statistics at the consultation points, from the finished traces
+        queries = [[len(p) + c["position"] - 1 for c in r["consultations"]] for p, r in zip(ids, res, strict=True)]  # fmt: skip
+        attn = attention_stats(base, [p + r["token_ids"] for p, r in zip(ids, res, strict=True)],
+                               queries, settings.get("attention_layer", -1), pad)  # fmt: skip
+        for r, a in zip(res, attn, strict=True):
+            for c, x in zip(r["consultations"], a, strict=True):
+                c.update(x)
+        for i, r in enumerate(res):
+            segs = segments(tok, r["token_ids"], r["source"])
+            problems.append({"id": rows[i]["id"], "sample": 0, "prompt": prompts[i],
+                             "completion": tok.decode(r["token_ids"]), "n_prompt_tokens": len(ids[i]),
+                             "n_completion_tokens": len(r["token_ids"]), "finish_reason": r["finish_reason"],
+                             "backend": "guided", "dtype": placement.dtype, "prompt_ids": ids[i],
+                             "token_ids": r["token_ids"], "token_logprobs": None, "top_ids": None,
+                             "top_logprobs": None, "_cell": name, "_i": ci,
+                             "oracle_mask": [s == "oracle" for s in r["source"]],
+                             "segments": segs, "consultations": r["consultations"],
+                             "n_consultations": r["n_consultations"], "oracle_tokens": r["oracle_tokens"],
+                             "oracle_fraction": r["oracle_fraction"]})  # fmt: skip
+        summary.append({"cell": name, "order": ci, **{k: cell[k] for k in ("c", "k", "step_size")},
+                        "target": info["target"], "threshold": info["threshold"], "rate": info["rate"],
+                        "calibration_runs": info["runs"], "matched": info["matched"]})  # fmt: skip
+        log.info("%s %s: fraction %.3f (target %s), %d runs", where, name, realised_fraction(res),
+                 info["target"], info["runs"])  # fmt: skip
+    seconds = time.perf_counter() - t0
+    raw = to_frame([{k: p[k] for k in COLUMNS} for p in problems])
+    graded = grade_table(raw, data, settings.get("format") or "math")
+    extra = pl.DataFrame(
+        [{"cell": p["_cell"], "oracle_mask": p["oracle_mask"], "n_consultations": p["n_consultations"],
+          "oracle_tokens": p["oracle_tokens"], "oracle_fraction": p["oracle_fraction"],
+          "segments": json.dumps(p["segments"], ensure_ascii=False),
+          "consultations": json.dumps(p["consultations"])} for p in problems],
+        schema={"cell": pl.String, "oracle_mask": pl.List(pl.Boolean), "n_consultations": pl.Int64,
+                "oracle_tokens": pl.Int64, "oracle_fraction": pl.Float64, "segments": pl.String,
+                "consultations": pl.String},
+    )  # fmt: skip
+    ident = {
+        "policy": policy_name,
+        "base": f"{hb.model}/{hb.ckpt}",
+        "oracle": f"{ho.model}/{ho.ckpt}",
+    }
+    table = pl.concat([graded, extra], how="horizontal").with_columns(
+        **{k: pl.lit(v) for k, v in ident.items()}
+    )
+    keys = zip(table["cell"], table["id"], strict=True)
+    correct = dict(zip(keys, table["correct"].fill_null(False), strict=True))
+    out_cells = []
+    for s in summary:
+        part = table.filter(pl.col("cell") == s["cell"])
+        n, k = part.height, int(part["correct"].fill_null(False).sum())
+        lo, hi = wilson(k, n)
+        frac = part["oracle_fraction"].mean() if n else None
+        out_cells.append(ident | s | {"n": n, "accuracy": k / n if n else None, "ci_low": lo,
+                         "ci_high": hi, "oracle_fraction": frac,
+                         "oracle_tokens": part["oracle_tokens"].mean(),
+                         "mean_tokens": part["n_completion_tokens"].mean(),
+                         "consultations": part["n_consultations"].mean()})  # fmt: skip
+    for p in problems:
+        for c in p["consultations"]:
+            points.append(ident | {"cell": p["_cell"], "id": p["id"],
+                                   "correct": bool(correct[(p["_cell"], p["id"])])}
+                          | {k: c.get(k) for k in POINT_COLUMNS})  # fmt: skip
+    Path(problems_path).parent.mkdir(parents=True, exist_ok=True)
+    table.write_parquet(problems_path)
+    pl.DataFrame(out_cells, infer_schema_length=None).write_parquet(cells_path)
+    pl.DataFrame(points, schema={**{k: pl.String for k in ("policy", "base", "oracle", "cell", "id")},
+                                 "correct": pl.Boolean,
+                                 **{k: getattr(pl, v) for k, v in POINT_SCHEMA.items()}}).write_parquet(points_path)  # fmt: skip
+    rec = cp.record(placement, machine, "guide", base=ident["base"], oracle=ident["oracle"],
+                    policy=policy_name, seconds=round(seconds, 2))  # fmt: skip
+    cp.write_record(rec, record_path)
+    log.info("%s: %s", where, {c["cell"]: (round(c["accuracy"], 3), round(c["oracle_fraction"], 3))
+                               for c in out_cells})  # fmt: skip
+    return {"cells": out_cells, "seconds": seconds}
+
+
+POINT_SCHEMA = {"position": "Int64", "trigger": "String", "entropy": "Float64",
+                "varentropy": "Float64", "top1": "Float64", "top2_diff": "Float64",
+                "top1_match": "Boolean", "kl": "Float64", "js": "Float64",
+                "attn_entropy": "Float64", "attn_varentropy": "Float64",
+                "interaction": "Float64", "context": "Int64"}  # fmt: skip
+POINT_COLUMNS = tuple(POINT_SCHEMA)
+
+
+def cell_policy(name: str, cell: dict, settings: dict) -> Policy:
+    """A grid cell's policy (a statistic policy to be calibrated starts at threshold 0)."""
+    rand = settings.get("random") or {}
+    threshold = None
+    if name in STATISTIC:
+        threshold = cell["threshold"] if cell["threshold"] is not None else 0.0
+    return Policy(name, c=cell["c"] or 0, k=cell["k"] or 8, step_size=cell["step_size"],
+                  threshold=threshold, p0=rand.get("p0", 0.05), slope=rand.get("slope", 0.002),
+                  words=tuple((settings.get("structural") or {}).get("words") or Policy.words),
+                  seed=int(settings.get("seed") or 0))  # fmt: skip
+
+
+def _cell_name(policy: str, cell: dict, info: dict) -> str:
+    """A cell's label: policy, c, k, step and its budget target or threshold."""
+    if policy in ("never", "always"):
+        return policy
+    name = f"{policy} c={cell['c']} k={cell['k']} s={cell['step_size']}"
+    if cell["target"] is not None:
+        return f"{name} @{cell['target']:g}"
+    if cell["threshold"] is not None:
+        return f"{name} t={cell['threshold']:g}"
+    return name

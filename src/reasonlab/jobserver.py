@@ -48,7 +48,7 @@ PRELOAD = [
     "safetensors.torch", "tqdm", "yaml", "reasonlab.cli", "reasonlab.logs", "reasonlab.models",
     "reasonlab.compute", "reasonlab.score", "reasonlab.activations", "reasonlab.directions",
     "reasonlab.probes", "reasonlab.lens", "reasonlab.cka", "reasonlab.generate",
-    "reasonlab.grading", "reasonlab.intervene", "reasonlab.patching",
+    "reasonlab.grading", "reasonlab.intervene", "reasonlab.patching", "reasonlab.guided",
 ]  # fmt: skip
 
 

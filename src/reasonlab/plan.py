@@ -28,6 +28,7 @@ from reasonlab.generate import GenOptions
 from reasonlab.models import local_path
 from reasonlab.report import activations as report_activations
 from reasonlab.report import generate as report_generate
+from reasonlab.report import guided as report_guided
 from reasonlab.report import interventions as report_interventions
 from reasonlab.report import overview as report_overview
 from reasonlab.report import score as report_score
@@ -49,6 +50,7 @@ WILDCARDS = {
     "ckpt2": textsets.NAME,
     "spec": textsets.NAME,
     "group": textsets.NAME,
+    "policy": "never|always|random|entropy|varentropy|top1|structural",
     "env": "|".join(ENVIRONMENTS),
 }
 
@@ -84,6 +86,7 @@ COMPUTE_STAGES = {
     "transfer": "interventions",
     "patch": "interventions",
     "embed": "embed",
+    "guide": "guided",
 }
 PLACEMENT_KEYS = ("device", "device_map")  # where a model runs: speed only, never a param
 
@@ -96,7 +99,8 @@ def results_config(config: dict) -> dict:
                                 ("activations", CaptureOptions, ("store",)),
                                 ("directions", DirectionOptions, ()), ("lens", None, ()),
                                 ("interventions", None, ("batch_size",)),
-                                ("embed", None, ("batch_size",))):  # fmt: skip
+                                ("embed", None, ("batch_size",)),
+                                ("guided", None, ("batch_size",))):  # fmt: skip
         if section not in config:
             continue
         speed = set(options.speed_fields(cls)) if cls else set()
@@ -748,6 +752,46 @@ class Plan:
         paths += [self.map_output(g, d, "points") for g, d in self.map_jobs]
         return words, paths
 
+    # ------------------------------------------------------------------ guided inference
+
+    @cached_property
+    def guided_jobs(self) -> list[tuple[str, str, str, str, str, str]]:
+        """(base model, base ckpt, oracle model, oracle ckpt, dataset, policy): every configured
+        pair × dataset × policy (a pair's jobs depend on its two checkpoints only)."""
+        gd = self.config.get("guided") or {}
+        out = []
+        for pair in gd.get("pairs") or []:
+            (m, c), (m2, c2) = self.split_ref(pair["base"]), self.split_ref(pair["oracle"])
+            out += [(m, c, m2, c2, d, p) for d in sorted(gd.get("datasets") or [])
+                    for p in gd.get("policies") or []]  # fmt: skip
+        return out
+
+    @staticmethod
+    def guided_output(model: str, ckpt: str, model2: str, ckpt2: str, dataset: str, policy: str,
+                      kind: str) -> str:  # fmt: skip
+        """`kind`: problems (every problem of every cell), cells (one row per grid cell) or points
+        (one row per consultation point)."""
+        return f"results/guided/{model}/{ckpt}/{model2}/{ckpt2}/{dataset}/{policy}.{kind}.parquet"
+
+    def guided_inputs(self, model: str, ckpt: str, model2: str, ckpt2: str, dataset: str) -> dict:
+        return {"base": self.handle(model, ckpt), "oracle": self.handle(model2, ckpt2),
+                "data": self.dataset_table(dataset)}  # fmt: skip
+
+    def guided_settings(self, dataset: str) -> str:
+        """What changes a guided job's results, as JSON (a param)."""
+        gd = {k: v for k, v in self.config["guided"].items()
+              if k not in ("pairs", "datasets", "policies", "threads", "batch_size", *PLACEMENT_KEYS)}  # fmt: skip
+        gd |= {"max_new_tokens": gd["max_new_tokens"] or self.generation["max_new_tokens"],
+               "template": self.generation["template"], "system": self.generation["system"],
+               "format": self.datasets[dataset]["format"]}  # fmt: skip
+        return as_json(gd)
+
+    def guided_jobs_arg(self) -> tuple[list[str], list[str]]:
+        """(one `model/ckpt/model2/ckpt2/dataset/policy` word per guided job, its cells table)."""
+        return ["/".join(j) for j in self.guided_jobs], [
+            self.guided_output(*j, "cells") for j in self.guided_jobs
+        ]
+
     # ------------------------------------------------------------------ devices and dtypes
 
     def compute(self, rule: str, model: str) -> compute.Request:
@@ -790,6 +834,9 @@ class Plan:
             for m, c, k, m2, c2 in self.transfer_jobs
         ] + [self.compute_record("patch", m, c, d) for m, c, d in self.patch_jobs] + [
             self.compute_record("embed", j.model, j.ckpt, j.dataset) for j in self.embed_jobs
+        ] + [
+            self.compute_record("guide", m, c, f"{m2}/{c2}/{d}/{p}")
+            for m, c, m2, c2, d, p in self.guided_jobs
         ]  # fmt: skip
 
     # ------------------------------------------------------------------ aggregation and report
@@ -807,6 +854,8 @@ class Plan:
             active.append(report_activations)
         if self.intervene_jobs or self.patch_jobs:
             active.append(report_interventions)
+        if self.guided_jobs:
+            active.append(report_guided)
         if self.training:
             active.append(report_training)
         return active

@@ -24,6 +24,7 @@ from reasonlab.plan import (  # noqa: E402
     table_paths,
 )
 from reasonlab.report import generate as report_generate  # noqa: E402
+from reasonlab.report import guided as report_guided  # noqa: E402
 from reasonlab.report import interventions as report_interventions  # noqa: E402
 from reasonlab.report import traces as report_traces  # noqa: E402
 from reasonlab.report import overview as report_overview  # noqa: E402
@@ -282,6 +283,15 @@ def get_run_settings(wildcards):
 
 def get_run_threads(wildcards):
     return PLAN.run_threads(wildcards.run)
+
+
+def get_guided_inputs(wildcards):
+    w = wildcards
+    return PLAN.guided_inputs(w.model, w.ckpt, w.model2, w.ckpt2, w.dataset)
+
+
+def get_guided_settings(wildcards):
+    return PLAN.guided_settings(wildcards.dataset)
 
 
 def get_out_dir(wildcards, output):

@@ -15,6 +15,7 @@ from types import ModuleType
 from reasonlab.report import (
     activations,
     generate,
+    guided,
     interventions,
     overview,
     score,
@@ -24,7 +25,7 @@ from reasonlab.report import (
 from reasonlab.report.html import render
 
 SECTIONS: tuple[ModuleType, ...] = (
-    overview, generate, score, traces, activations, interventions, training,
+    overview, generate, score, traces, activations, interventions, guided, training,
 )  # fmt: skip
 
 
