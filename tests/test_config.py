@@ -424,3 +424,29 @@ def test_the_trace_explorer_names_what_it_needs():
         "traces.models[0]: 'tiny''s generations are not scored (set score.generations: true"
         in error_of(cfg)
     )
+
+
+def test_guided_inference_names_what_it_uses():
+    cfg = copy.deepcopy(DEMO)
+    cfg["guided"]["pairs"] = [{"base": "tiny/step-7", "oracle": "tiny/final"},
+                              {"base": "tiny/step-200", "oracle": "nope/final"},
+                              {"base": "tiny/step-7", "oracle": "tiny/final"}]  # fmt: skip
+    cfg["guided"]["datasets"] = ["demo-eval", "nope"]
+    cfg["guided"]["budgets"] = []
+    err = error_of(cfg)
+    assert "guided.pairs[0].base: 'tiny/step-7' is not a <model>/<ckpt> defined under models" in err
+    assert (
+        "guided.pairs[1].oracle: 'nope/final' is not a <model>/<ckpt> defined under models" in err
+    )
+    assert "guided.pairs[2]: tiny/step-7 + tiny/final is listed twice" in err
+    assert "guided.datasets[1]: 'nope' is not defined under datasets" in err
+    assert "guided.policies: entropy needs guided.budgets or guided.thresholds.entropy" in err
+    cfg = copy.deepcopy(DEMO)
+    cfg["guided"]["policies"] = ["sometimes"]
+    assert "guided.policies.0: 'sometimes' is not one of" in error_of(cfg)
+
+
+def test_the_guided_grid_preset_is_valid():
+    cfg = load(ROOT / "config.yaml", ROOT / "resources/presets/guided-grid.yaml")
+    assert cfg["guided"]["max_prompts"] is None and len(cfg["guided"]["grid"]["c"]) == 4
+    assert "varentropy" in cfg["guided"]["policies"]

@@ -84,6 +84,9 @@ def every_job_value(p: Plan) -> dict:
         )
     for g, d in p.map_jobs:
         out[("trace_map", g, d)] = (p.map_settings(), p.map_members(g, d))
+    for j in p.guided_jobs:
+        out[("guide", *j)] = (p.guided_settings(j[4]), p.guided_inputs(*j[:5]),
+                              p.compute_dtype("guide", j[0]))  # fmt: skip
     return out
 
 
@@ -165,6 +168,9 @@ def test_key_order_changes_no_value():
         ("embed", "batch_size", 8),
         ("embed", "threads", 2),
         ("embed", "device", "cpu"),
+        ("guided", "batch_size", 3),
+        ("guided", "threads", 2),
+        ("guided", "device", "cpu"),
     ],
 )
 def test_speed_settings_change_no_job_value(section, key, value):
@@ -176,11 +182,11 @@ def test_speed_settings_change_no_job_value(section, key, value):
     assert config_hash(results_config(changed.config)) == config_hash(results_config(base.config))
     # ... yet the job still receives the setting, on its command line
     rules = {"generation": "generate", "activations": "capture_activations",
-             "interventions": "intervene", "embed": "embed"}  # fmt: skip
+             "interventions": "intervene", "embed": "embed", "guided": "guide"}  # fmt: skip
     if key in ("device", "device_map"):
         rule = rules.get(section, section if section in ("directions", "lens") else "score")
         assert json.loads(changed.compute_placement(rule, "tiny"))[key] == value
-    elif key not in ("threads", "store") and section not in ("interventions", "embed"):
+    elif key not in ("threads", "store") and section not in ("interventions", "embed", "guided"):
         projection = {"score": changed.score_options, "generation": changed.gen_options,
                       "activations": changed.capture_options, "directions": changed.direction_options}  # fmt: skip
         assert json.loads(projection[section]()[1])[key] == value
@@ -246,7 +252,7 @@ def test_compute_records_cover_every_model_loading_job():
     records = p.compute_records()
     n = (len(p.gen_jobs) + len(p.score_jobs) + len(p.capture_jobs) + len(p.direction_jobs)
          + len(p.lens_jobs) + len(p.intervene_jobs) + len(p.transfer_jobs) + len(p.patch_jobs)
-         + len(p.embed_jobs))  # fmt: skip
+         + len(p.embed_jobs) + len(p.guided_jobs))  # fmt: skip
     assert len(records) == len(set(records)) == n and len(p.capture_jobs) == 3 * 3  # 3 sets
     assert len(p.direction_jobs) == len(p.lens_jobs) == len(p.probe_jobs) == 3
     assert len(p.intervene_jobs) == 3 * 3  # tiny's checkpoints x the demo's three specs
@@ -368,6 +374,7 @@ def test_report_tables_follow_the_active_stages():
             "cka",
             "interventions",
             "traces",
+            "guided",
         ):
             cfg[key] = {}
 
@@ -467,3 +474,31 @@ def test_trace_explorer_jobs_follow_the_checkpoints_and_groups():
     }
     assert {j for j in new if j[1] == "step-600"} == {("tiny", "step-600", "demo-eval@tiny@step-600"),
                                                      ("tiny", "step-600", "demo-pool")}  # fmt: skip
+
+
+def test_guided_jobs_are_per_pair_dataset_and_policy():
+    p = plan_of()
+    pols = DEMO["guided"]["policies"]
+    assert p.guided_jobs == [("tiny", "step-200", "tiny", "final", "demo-eval", q) for q in pols]
+    assert p.guided_inputs("tiny", "step-200", "tiny", "final", "demo-eval") == {
+        "base": "results/models/tiny/step-200.json", "oracle": "results/models/tiny/final.json",
+        "data": "results/data/demo-eval.parquet"}  # fmt: skip
+    s = json.loads(p.guided_settings("demo-eval"))
+    assert s["max_new_tokens"] == DEMO["guided"]["max_new_tokens"] and s["format"] == "math"
+    assert "batch_size" not in s and "threads" not in s and "policies" not in s
+    words, paths = p.guided_jobs_arg()
+    assert words[0] == "tiny/step-200/tiny/final/demo-eval/never"
+    assert paths[0] == "results/guided/tiny/step-200/tiny/final/demo-eval/never.cells.parquet"
+    assert "guided_cells" in p.report_tables()
+
+    def more(cfg):  # another pair plans only its own jobs; a budget change re-plans guided only
+        cfg["guided"]["pairs"].append({"base": "tiny/step-500", "oracle": "tiny/final"})
+
+    q = plan_of(more)
+    assert set(q.guided_jobs) - set(p.guided_jobs) == {
+        ("tiny", "step-500", "tiny", "final", "demo-eval", x) for x in pols}  # fmt: skip
+    before, after = (
+        every_job_value(p),
+        every_job_value(plan_of(lambda c: c["guided"].update(budgets=[0.3]))),
+    )
+    assert {k[0] for k in before if before[k] != after[k]} == {"guide"}

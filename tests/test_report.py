@@ -199,6 +199,7 @@ def test_sections_are_an_explicit_ordered_list():
         "traces",
         "activations",
         "interventions",
+        "guided",
         "training",
     ]
     for stage in build.SECTIONS:

@@ -551,3 +551,36 @@ def test_the_trace_explorer_splits_embeds_and_maps_every_checkpoint(demo):
     points = pl.read_parquet(demo / "results/aggregate/tr_points.parquet")
     assert points.height == N_EVAL * len(TINY) and points["cluster"].min() >= 0
     assert 'id="traces"' in (demo / "results/report.html").read_text()
+
+
+def test_guided_inference_runs_its_grid_and_the_oracle_helps(demo):
+    """The demo's pair (tiny/step-200 consulting tiny/final): every budget cell within its
+    tolerance of its target, its accuracy that of its graded problems, and the issue's demo
+    criterion — oracle alone above base alone by McNemar's test (p < 0.05) on the eval problems,
+    recomputed here from the two jobs' graded problems."""
+    from scipy.stats import binomtest
+
+    cells = pl.read_parquet(demo / "results/aggregate/guided_cells.parquet")
+    cfg = yaml.safe_load((demo / "config.yaml").read_text())["guided"]
+    budget = cells.filter(
+        pl.col("target").is_not_null() & ~pl.col("policy").is_in(["never", "always"])
+    )
+    assert budget.height == len(cfg["budgets"]) * len(
+        {"entropy", "top1", "random"} & set(cfg["policies"])
+    )
+    tol = 0.1
+    for r in budget.iter_rows(named=True):
+        assert r["matched"] == (abs(r["oracle_fraction"] / r["target"] - 1) <= tol), r
+    root = demo / "results/guided/tiny/step-200/tiny/final/demo-eval"
+    never = pl.read_parquet(root / "never.problems.parquet").sort("id")
+    always = pl.read_parquet(root / "always.problems.parquet").sort("id")
+    assert never["id"].to_list() == always["id"].to_list() and never.height == cfg["max_prompts"]
+    a, b = always["correct"].fill_null(False).to_list(), never["correct"].fill_null(False).to_list()
+    wins = sum(x and not y for x, y in zip(a, b, strict=True))
+    losses = sum(y and not x for x, y in zip(a, b, strict=True))
+    p = binomtest(wins, wins + losses, 0.5).pvalue
+    assert sum(a) > sum(b) and p < 0.05, (sum(a), sum(b), wins, losses, p)
+    tests = pl.read_parquet(demo / "results/aggregate/guided_tests.parquet")
+    row = tests.filter(pl.col("policy") == "always").row(0, named=True)
+    assert (row["wins"], row["losses"]) == (wins, losses) and row["p_value"] == pytest.approx(p)
+    assert 'id="guided"' in (demo / "results/report.html").read_text()

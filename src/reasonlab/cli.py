@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 STEPS: dict[str, tuple[str, Callable, Callable]] = {}
+TOOLS = ("guided-view",)  # steps for a researcher at the terminal, run by no rule
 
 
 def step(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], object]):

@@ -28,6 +28,7 @@ TRACES_PER_CELL = 3  # problems of each cell whose interleaved trace the report 
 STATS = ("entropy", "varentropy", "top1", "top2_diff", "attn_entropy", "attn_varentropy",
          "interaction", "kl", "js")  # fmt: skip
 RUN = ["base", "oracle", "dataset"]
+POLICY_ORDER = ("never", "always", "entropy", "varentropy", "top1", "random", "structural")
 
 
 def _prefix(path) -> str:
@@ -267,12 +268,18 @@ def section(tables: dict, context: dict) -> list:
                 f"only the base; McNemar p = {r['p_value']:.2g})" for r in ends.iter_rows(named=True))  # fmt: skip
             blocks.append(Html(f"<p><b>Does the oracle help?</b> {lines}.</p>"))
     blocks.append(_curve(cells))
-    cols = ["run", "policy", "cell", "c", "k", "step_size", "target", "oracle_fraction", "matched",
-            "calibration_runs", "threshold", "rate", "n", "accuracy", "ci_low", "ci_high",
-            "mean_tokens", "consultations", "oracle_tokens"]  # fmt: skip
+    cols = ["run", "cell", "target", "oracle_fraction", "matched", "calibration_runs",
+            "threshold", "rate", "n", "accuracy", "ci_low", "ci_high", "mean_tokens",
+            "consultations", "oracle_tokens"]  # fmt: skip
+    if cells["run"].n_unique() == 1:  # one run: named in the charts' titles, not on every row
+        cols.remove("run")
+    rank = {p: i for i, p in enumerate(POLICY_ORDER)}
+    cells = cells.with_columns(_rank=pl.col("policy").replace_strict(rank, default=len(rank)))
     blocks += [Html("<h3>Every cell</h3><p>Accuracy with its 95 % Wilson interval per policy and "
-                    "(c, k, step) cell; target and realised oracle-token fraction.</p>"),
-               charts.table(cells.sort("run", "policy", "order").select([c for c in cols if c in cells.columns]))]  # fmt: skip
+                    "(c, k, step) cell (named <i>policy c= k= s=</i> and <i>@target</i>); the "
+                    "target and realised oracle-token fraction; the threshold (statistic "
+                    "policies) or schedule multiple (random) the budget search settled on.</p>"),
+               charts.table(cells.sort("run", "_rank", "order").select([c for c in cols if c in cells.columns]))]  # fmt: skip
     blocks += _grid(cells)
     if tests.height:
         blocks += [Html("<h3>Paired tests against the base alone</h3><p>McNemar's exact test on "
