@@ -378,3 +378,11 @@ def test_a_guide_job_its_aggregation_and_section(pair, tiny_model_dir, tmp_path)
     assert "&lt;b&gt;bold?&lt;/b&gt;" in text and "<b>bold?</b>" not in text
     seg = json.loads(always["segments"][0])
     assert [s["source"] for s in seg] == ["oracle"]
+
+
+def test_an_unreachable_oracle_server_is_one_clear_error():
+    from reasonlab.guided import ServerOracle
+
+    with pytest.raises(GuidedError, match=r"guided.pairs\[\].server: no oracle server answers at "
+                                          r"http://127.0.0.1:9/v1 .*vllm serve"):  # fmt: skip
+        ServerOracle("http://127.0.0.1:9", timeout=2)

@@ -86,7 +86,7 @@ def every_job_value(p: Plan) -> dict:
         out[("trace_map", g, d)] = (p.map_settings(), p.map_members(g, d))
     for j in p.guided_jobs:
         out[("guide", *j)] = (p.guided_settings(j[4]), p.guided_inputs(*j[:5]),
-                              p.compute_dtype("guide", j[0]))  # fmt: skip
+                              p.compute_dtype("guide", j[0]), p.guided_backend(*j[:4]))  # fmt: skip
     return out
 
 
@@ -502,3 +502,26 @@ def test_guided_jobs_are_per_pair_dataset_and_policy():
         every_job_value(plan_of(lambda c: c["guided"].update(budgets=[0.3]))),
     )
     assert {k[0] for k in before if before[k] != after[k]} == {"guide"}
+
+
+def test_an_oracle_server_is_a_backend_param_and_its_url_speed_only():
+    def served(url):
+        def edit(cfg):
+            cfg["guided"]["pairs"][0]["server"] = {"url": url}
+
+        return edit
+
+    p, q, r = plan_of(), plan_of(served("http://a:8000/v1")), plan_of(served("http://b:9000/v1"))
+    job = ("tiny", "step-200", "tiny", "final")
+    assert p.guided_backend(*job) == "local" and json.loads(p.guided_server(*job)) == {}
+    assert q.guided_backend(*job) == r.guided_backend(*job) == "server"
+    assert json.loads(q.guided_server(*job)) == {
+        "url": "http://a:8000/v1",
+        "model": None,
+        "top_logprobs": 20,
+    }
+    # moving the server re-runs nothing; switching the oracle to a server re-runs the pair's jobs
+    assert every_job_value(q) == every_job_value(r)
+    assert config_hash(results_config(q.config)) == config_hash(results_config(r.config))
+    a, b = every_job_value(p), every_job_value(q)
+    assert {k[0] for k in a if a[k] != b[k]} == {"guide"}

@@ -28,7 +28,9 @@ ANALYSES = {"capture_activations": len(TINY) * N_SETS, "directions": len(TINY) *
             "aggregate_activations": 1,
             "intervene": len(TINY) * len(DEMO["interventions"]["specs"]), "aggregate_interventions": 1,
             "transfer": len(TINY) * (len(TINY) - 1), "patch": len(TINY),
-            "trace_steps": len(TINY), "embed": len(TINY), "trace_map": 1, "aggregate_traces": 1}  # fmt: skip
+            "trace_steps": len(TINY), "embed": len(TINY), "trace_map": 1, "aggregate_traces": 1,
+            "guide": len(DEMO["guided"]["pairs"]) * len(DEMO["guided"]["datasets"]) * len(DEMO["guided"]["policies"]),
+            "aggregate_guided": 1}  # fmt: skip
 TRACES = {"trace_steps": len(TINY), "embed": len(TINY), "trace_map": 1, "aggregate_traces": 1}
 
 

@@ -680,6 +680,9 @@ def aggregate_interventions(a, log):
         p.add_argument("--data", required=True, help="a prepared dataset"),
         p.add_argument("--policy", required=True, help="never, always, random, entropy, ..."),
         p.add_argument("--settings", type=_json, default={}, help="guided: grid, budgets, ... (JSON)"),
+        p.add_argument("--oracle-backend", choices=["local", "server"], default="local"),
+        p.add_argument("--server", type=_json, default={},
+                       help='the oracle server: {"url": ..., "model": null, "top_logprobs": 20}'),
         p.add_argument("--out-prefix", required=True,
                        help="writes PREFIX.{problems,cells,points}.parquet"),
         p.add_argument("--batch-size", type=int, default=64, help="problems per batch (speed only)"),
@@ -691,9 +694,12 @@ def guide(a, log):
     from reasonlab.guided import guided_job
 
     pre = a.out_prefix
+    if (a.oracle_backend == "server") != bool(a.server):
+        raise SystemExit("reasonlab guide: --oracle-backend server needs --server with its url "
+                         "(and --server needs --oracle-backend server)")  # fmt: skip
     guided_job(a.base, a.oracle, a.data, a.policy, a.settings, f"{pre}.problems.parquet",
                f"{pre}.cells.parquet", f"{pre}.points.parquet", _request(a), a.threads,
-               a.batch_size, a.record)  # fmt: skip
+               a.batch_size, a.record, server=a.server or None)  # fmt: skip
 
 
 @step(

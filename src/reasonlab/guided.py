@@ -27,6 +27,10 @@ head's entropy over the valid context only — padding and future positions neve
 — divided by log(context length); mean and variance across heads) and the interaction strength
 (the mean absolute pre-softmax attention score over the same keys).
 
+The oracle is a loaded model (its own `Stream`) or, with `server=ServerOracle(url)`, an
+OpenAI-compatible server (`vllm serve`) sent the exact token ids of each consulting row; agreement
+is then computed on the server's top log-probabilities (`agreement_topk`).
+
 `guided_job` is the `guide` rule: one (base, oracle, dataset, policy) with its grid of (c, k,
 step size) × budgets, graded by the grading stage's parser.
 """
@@ -234,18 +238,23 @@ def quantile_threshold(stats: list[dict], name: str, fraction: float) -> float:
 
 def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: Policy,
                     max_new_tokens: int = 256, temperature: float = 0.0,
-                    position_stats: bool = False) -> list[dict]:  # fmt: skip
+                    position_stats: bool = False, server: ServerOracle | None = None) -> list[dict]:  # fmt: skip
     """Generate a completion of every prompt (token ids) with the base consulting the oracle under
     `policy`. Per row: tokens, their source, the consultations (position, the base's next-token
     statistics there, the base–oracle agreement), oracle tokens, the oracle-token fraction, the
     finish reason; with `position_stats`, the base's statistics at every position it wrote (for
-    `quantile_threshold`)."""
+    `quantile_threshold`). With `server` (a `ServerOracle`) the oracle is that server and
+    `oracle` is unused (None): each consultation sends the row's token ids and the agreement is
+    computed on the server's top log-probabilities."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     n = len(prompts)
-    b, o = Stream(base, pad, n), Stream(oracle, pad, n)
+    b = Stream(base, pad, n)
     b.feed([list(p) for p in prompts])
-    o.feed([list(p) for p in prompts])
+    o = None
+    if server is None:
+        o = Stream(oracle, pad, n)
+        o.feed([list(p) for p in prompts])
     rows = [Row() for _ in range(n)]
     seen: list[list[dict]] = [[] for _ in range(n)]
     rng = random.Random(policy.seed)
@@ -258,7 +267,8 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
         row = rows[r]
         row.tokens.append(tok)
         row.source.append(source)
-        other.pending[r].append(tok)
+        if other is not None:
+            other.pending[r].append(tok)
         if eos is not None and tok == eos:
             row.done, row.finish_reason = True, "stop"
         elif len(row.tokens) >= max_new_tokens:
@@ -322,9 +332,22 @@ def guided_generate(base, oracle, tokenizer, prompts: list[list[int]], policy: P
                                           **next_token_stats(b.last[r])})  # fmt: skip
         if not triggered:
             continue
+        if server is not None:
+            live = sorted(r for r in triggered if not rows[r].done)
+            seeds = None if temperature <= 0 else [rng.randrange(2**31) for _ in live]
+            got = server.complete([list(prompts[r]) + rows[r].tokens for r in live],
+                                  [min(k, max_new_tokens - len(rows[r].tokens)) for r in live],
+                                  temperature, seeds)  # fmt: skip
+            for r, (toks, top) in zip(live, got, strict=True):
+                rows[r].consultations[-1].update(agreement_topk(b.last[r], top))
+                for tok in toks:
+                    if rows[r].done:
+                        break
+                    emit(r, tok, "oracle", b)
+            continue
         o.sync()
         for r in sorted(triggered):  # where the two models stand before the oracle writes
-            rows[r].consultations[-1].update(agreement(b.last[r], o.last[r]))
+            rows[r].consultations[-1].update(agreement(b.last[r], o.last[r]), agreement_on="full")
         for _ in range(k):
             live = sorted(r for r in triggered if not rows[r].done)
             if not live:
@@ -539,6 +562,88 @@ def ansi_view(segs: list[dict]) -> str:
     )
 
 
+# ---------------------------------------------------------------- an oracle behind a server
+
+
+class ServerOracle:
+    """The oracle behind an OpenAI-compatible completions endpoint — seed 004 runs its oracles with
+    `vllm serve` (prefix caching on by default), and a 70 B oracle will not share a node with the
+    base. Each consultation sends the row's exact token ids (prompt + trace so far, never text)
+    and receives up to k token ids and the first one's top-`top` log-probabilities; rows consulting
+    in the same round are sent at once (the server batches them). Base–oracle agreement is then
+    computed on the oracle's top-`top` tokens (`agreement_topk`)."""
+
+    def __init__(self, url: str, model: str | None = None, top: int = 20, timeout: float = 600.0,
+                 key: str = "guided.pairs[].server") -> None:  # fmt: skip
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/v1") else base + "/v1"
+        self.top, self.timeout, self.key = top, timeout, key
+        self.model = model or self._get("/models")["data"][0]["id"]
+
+    def _request(self, path: str, body: dict | None = None) -> dict:
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")[:300]
+            raise GuidedError(f"{self.key}: the oracle server at {self.url} refused {path} "
+                              f"({e.code}: {detail})") from None  # fmt: skip
+        except (urllib.error.URLError, OSError) as e:
+            raise GuidedError(f"{self.key}: no oracle server answers at {self.url} ({e}); start "
+                              "one with `vllm serve <oracle>` or remove the server to run the "
+                              "oracle locally") from None  # fmt: skip
+
+    def _get(self, path: str) -> dict:
+        return self._request(path)
+
+    def complete(self, prefixes: list[list[int]], ks: list[int], temperature: float = 0.0,
+                 seeds: list[int] | None = None) -> list[tuple[list[int], dict[int, float]]]:  # fmt: skip
+        """(token ids, {token id: log-probability} of the first token's top) per prefix."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(i: int):
+            body = {"model": self.model, "prompt": prefixes[i], "max_tokens": ks[i],
+                    "temperature": temperature, "logprobs": self.top, "return_token_ids": True,
+                    "return_tokens_as_token_ids": True, "skip_special_tokens": False}  # fmt: skip
+            if seeds is not None:
+                body["seed"] = seeds[i]
+            choice = self._request("/completions", body)["choices"][0]
+            tops = (choice.get("logprobs") or {}).get("top_logprobs") or [{}]
+            first = {int(t.split(":", 1)[1]): float(v) for t, v in (tops[0] or {}).items()}
+            return list(choice["token_ids"]), first
+
+        if not prefixes:
+            return []
+        with ThreadPoolExecutor(max_workers=min(len(prefixes), 64)) as pool:
+            return list(pool.map(one, range(len(prefixes))))
+
+
+def agreement_topk(base_logits, top: dict[int, float]) -> dict:
+    """Agreement with an oracle known only by its top-k log-probabilities: top-1 match, and KL and
+    Jensen–Shannon divergence of the two distributions restricted to those k tokens (each
+    renormalised over them); `agreement_on` says so."""
+    import torch
+
+    if not top:
+        return {"top1_match": None, "kl": None, "js": None, "agreement_on": "none"}
+    ids = torch.tensor(list(top), device=base_logits.device)
+    lo = torch.log_softmax(torch.tensor(list(top.values()), dtype=torch.float64), -1)
+    lb = torch.log_softmax(torch.log_softmax(base_logits.double(), -1)[ids].cpu(), -1)
+    pb, po = lb.exp(), lo.exp()
+    mid = (0.5 * (pb + po)).clamp_min(1e-300).log()
+    kl = float((pb * (lb - lo)).sum())
+    js = float(0.5 * (pb * (lb - mid)).sum() + 0.5 * (po * (lo - mid)).sum())
+    best = max(top, key=top.get)
+    return {"top1_match": int(torch.argmax(base_logits)) == best, "kl": max(kl, 0.0),
+            "js": max(js, 0.0), "agreement_on": f"top-{len(top)}"}  # fmt: skip
+
+
 # ---------------------------------------------------------------- the `guide` rule
 
 
@@ -563,13 +668,16 @@ def grid_cells(policy: str, settings: dict) -> list[dict]:
 
 def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings: dict,
                problems_path, cells_path, points_path, compute=None, threads=None,
-               batch_size: int = 64, record_path=None, progress: bool = True) -> dict:  # fmt: skip
+               batch_size: int = 64, record_path=None, progress: bool = True,
+               server: dict | None = None) -> dict:  # fmt: skip
     """One `guide` job: the base checkpoint consulting the oracle checkpoint under one policy over
     the first `max_prompts` rows of a dataset, for every cell of the grid (`grid_cells`), both
     models loaded once. Writes every problem of every cell (`problems_path`: the generation
     schema's graded columns, sources, consultations with their statistics), one row per cell
     (`cells_path`: accuracy with its Wilson interval, realised oracle-token fraction against its
-    target, consultations) and one row per consultation point (`points_path`)."""
+    target, consultations) and one row per consultation point (`points_path`). `server`
+    ({url, model, top_logprobs}): the oracle is that OpenAI-compatible server (its tokenizer is
+    still the oracle handle's, checked against the base's) instead of loaded here."""
     import time
 
     import polars as pl
@@ -579,7 +687,7 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
     from reasonlab.data import read_dataset
     from reasonlab.generate import COLUMNS, GenOptions, render_prompts, to_frame
     from reasonlab.grading import grade_table, wilson
-    from reasonlab.models import load_placed, read_handle
+    from reasonlab.models import load_placed, load_tokenizer, read_handle
 
     if threads:
         torch.set_num_threads(threads)
@@ -589,7 +697,13 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
     if settings.get("max_prompts"):
         data = data.head(settings["max_prompts"])
     machine, placement, base, tok = load_placed(hb, compute, where)
-    _, _, oracle, otok = load_placed(ho, compute, where)
+    oracle = remote = None
+    if server:
+        otok = load_tokenizer(ho)
+        remote = ServerOracle(server["url"], server.get("model"), server.get("top_logprobs", 20),
+                              key=f"guided.pairs[{ho.model}/{ho.ckpt}].server")  # fmt: skip
+    else:
+        _, _, oracle, otok = load_placed(ho, compute, where)
     check_tokenizers(tok, otok, f"{hb.model}/{hb.ckpt}", f"{ho.model}/{ho.ckpt}")
     opts = GenOptions(backend="transformers", template=settings.get("template") or "chat",
                       system=settings.get("system"), max_new_tokens=settings["max_new_tokens"])  # fmt: skip
@@ -604,7 +718,7 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
         out = []
         for s in range(0, len(ids), batch_size):
             out += guided_generate(base, oracle, tok, ids[s : s + batch_size], policy, max_new,
-                                   temp, position_stats=stats)  # fmt: skip
+                                   temp, position_stats=stats, server=remote)  # fmt: skip
         return out
 
     t0 = time.perf_counter()
@@ -694,7 +808,8 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
                                  "correct": pl.Boolean,
                                  **{k: getattr(pl, v) for k, v in POINT_SCHEMA.items()}}).write_parquet(points_path)  # fmt: skip
     rec = cp.record(placement, machine, "guide", base=ident["base"], oracle=ident["oracle"],
-                    policy=policy_name, seconds=round(seconds, 2))  # fmt: skip
+                    policy=policy_name, seconds=round(seconds, 2),
+                    oracle_server=remote.url if remote else None)  # fmt: skip
     cp.write_record(rec, record_path)
     log.info("%s: %s", where, {c["cell"]: (round(c["accuracy"], 3), round(c["oracle_fraction"], 3))
                                for c in out_cells})  # fmt: skip
@@ -703,7 +818,7 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
 
 POINT_SCHEMA = {"position": "Int64", "trigger": "String", "entropy": "Float64",
                 "varentropy": "Float64", "top1": "Float64", "top2_diff": "Float64",
-                "top1_match": "Boolean", "kl": "Float64", "js": "Float64",
+                "top1_match": "Boolean", "kl": "Float64", "js": "Float64", "agreement_on": "String",
                 "attn_entropy": "Float64", "attn_varentropy": "Float64",
                 "interaction": "Float64", "context": "Int64"}  # fmt: skip
 POINT_COLUMNS = tuple(POINT_SCHEMA)

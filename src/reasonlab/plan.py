@@ -108,6 +108,9 @@ def results_config(config: dict) -> dict:
         out[section] = {k: v for k, v in config[section].items() if k not in drop}
     if "compute" in config:
         out["compute"] = {k: v for k, v in config["compute"].items() if k not in PLACEMENT_KEYS}
+    if (config.get("guided") or {}).get("pairs"):  # where an oracle server runs: speed only
+        out["guided"] = {**out["guided"], "pairs": [
+            {**pair, "server": bool(pair.get("server"))} for pair in config["guided"]["pairs"]]}  # fmt: skip
     patching = (out.get("interventions") or {}).get("patching")
     if patching:
         out["interventions"] = {**out["interventions"],
@@ -785,6 +788,21 @@ class Plan:
                "template": self.generation["template"], "system": self.generation["system"],
                "format": self.datasets[dataset]["format"]}  # fmt: skip
         return as_json(gd)
+
+    def guided_server(self, model: str, ckpt: str, model2: str, ckpt2: str) -> str:
+        """The pair's oracle server as JSON (`{}`: the oracle is loaded in the job). Where the
+        server runs changes no result: this reaches the job on its command line only."""
+        for pair in self.config["guided"]["pairs"]:
+            if self.split_ref(pair["base"]) == (model, ckpt) and self.split_ref(pair["oracle"]) == (
+                model2,
+                ckpt2,
+            ):
+                return as_json(pair.get("server") or {})
+        return as_json({})
+
+    def guided_backend(self, model: str, ckpt: str, model2: str, ckpt2: str) -> str:
+        """`server` or `local`: how the oracle runs changes how agreement is measured (a param)."""
+        return "server" if json.loads(self.guided_server(model, ckpt, model2, ckpt2)) else "local"
 
     def guided_jobs_arg(self) -> tuple[list[str], list[str]]:
         """(one `model/ckpt/model2/ckpt2/dataset/policy` word per guided job, its cells table)."""

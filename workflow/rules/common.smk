@@ -294,6 +294,17 @@ def get_guided_settings(wildcards):
     return PLAN.guided_settings(wildcards.dataset)
 
 
+def get_guided_backend(wildcards):
+    w = wildcards
+    return PLAN.guided_backend(w.model, w.ckpt, w.model2, w.ckpt2)
+
+
+def get_guided_server(wildcards, threads):
+    """A derived param (not compared between runs): where the oracle server is."""
+    w = wildcards
+    return PLAN.guided_server(w.model, w.ckpt, w.model2, w.ckpt2)
+
+
 def get_out_dir(wildcards, output):
     """Where an aggregation writes its tables: the directory of its outputs."""
     return str(Path(output[0]).parent)

@@ -24,6 +24,8 @@ rule guide:
     params:
         python=python_of("core"),
         settings=get_guided_settings,
+        backend=get_guided_backend,
+        server=get_guided_server,
         batch=speed_only(config["guided"]["batch_size"]),
         dtype=compute_dtype("guide"),
         compute=compute_placement("guide"),
@@ -31,7 +33,8 @@ rule guide:
     shell:
         "{params.python:q} -m reasonlab guide --log {log:q} --base {input.base:q}"
         " --oracle {input.oracle:q} --data {input.data:q} --policy {wildcards.policy}"
-        " --settings {params.settings:q} --out-prefix {params.prefix:q}"
+        " --settings {params.settings:q} --oracle-backend {params.backend}"
+        " --server {params.server:q} --out-prefix {params.prefix:q}"
         " --batch-size {params.batch} --threads {threads} --dtype {params.dtype}"
         " --compute {params.compute:q} --record {output.record:q}"
 
