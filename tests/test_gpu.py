@@ -162,3 +162,49 @@ def test_embeddings_on_cuda_match_the_cpu():
     gpu, wg = embed_texts(load_embedder(path, "cuda"), texts, 8)
     assert wc == wg and wc[1] > 1
     assert (cpu * gpu).sum(1).min() >= 0.9999
+
+
+def test_attention_statistics_on_cuda_match_the_cpu(tiny_model_dir):
+    """The attention probe (an attention implementation registered by name) on the GPU gives the
+    CPU's entropy and interaction strength (float64 on both)."""
+    from test_guided import pair_models
+
+    from reasonlab.guided import attention_stats
+
+    base, _, _ = pair_models(tiny_model_dir, torch.float64)
+    seqs, queries = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], [[2, 6], [1]]
+    cpu = attention_stats(base, seqs, queries, layer=-1)
+    gpu = attention_stats(base.to("cuda"), seqs, queries, layer=-1)
+    for a, b in zip(cpu, gpu, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x["context"] == y["context"]
+            for k in ("attn_entropy", "attn_varentropy", "interaction"):
+                assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-9)
+
+
+def test_a_guide_job_runs_on_the_gpu(tiny_model_dir, tmp_path):
+    """The `guide` job placed on the GPU: both models there, its record says so, every cell and
+    consultation point is written (the attention probe included)."""
+    import json
+
+    import polars as pl
+    from test_intervene import SMALL, job_inputs
+
+    from reasonlab import synth
+    from reasonlab.guided import guided_job
+
+    rows = synth.build_demo_data(0, SMALL)["eval"]
+    for d, model in (("b", tiny_model_dir), ("o", tiny_model_dir.parent / "oracle-seed1")):
+        (tmp_path / d).mkdir()
+        job_inputs(model, tmp_path / d, rows, "e")
+    settings = {"max_prompts": 6, "max_new_tokens": 16, "template": "chat", "format": "math",
+                "grid": {"c": [2], "k": [3], "step_size": [4]}, "budgets": [0.25]}  # fmt: skip
+    pre = tmp_path / "g"
+    out = guided_job(tmp_path / "b" / "h.json", tmp_path / "o" / "h.json", tmp_path / "b" / "e.parquet",
+                     "entropy", settings, f"{pre}.problems.parquet", f"{pre}.cells.parquet",
+                     f"{pre}.points.parquet", compute=cp.Request(device="cuda"),
+                     record_path=tmp_path / "rec.json", progress=False)  # fmt: skip
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["device"].startswith("cuda") and out["cells"][0]["n"] == 6
+    pts = pl.read_parquet(f"{pre}.points.parquet")
+    assert pts.height > 0 and pts["attn_entropy"].is_between(0, 1).all()

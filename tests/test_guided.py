@@ -386,3 +386,22 @@ def test_an_unreachable_oracle_server_is_one_clear_error():
     with pytest.raises(GuidedError, match=r"guided.pairs\[\].server: no oracle server answers at "
                                           r"http://127.0.0.1:9/v1 .*vllm serve"):  # fmt: skip
         ServerOracle("http://127.0.0.1:9", timeout=2)
+
+
+def test_sampling_is_seeded(pair):
+    """Sampled (temperature > 0): the same seed gives the same traces and consultations, another
+    seed other traces; greedy decoding is not what sampling gives."""
+    base, oracle, tok = pair
+    ps = prompts(tok)
+
+    def go(seed):
+        pol = Policy("random", c=2, k=3, step_size=4, p0=0.5, seed=seed)
+        return guided_generate(base, oracle, tok, ps, pol, max_new_tokens=16, temperature=1.0)
+
+    a, b, c = go(0), go(0), go(1)
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+    assert [r["source"] for r in a] == [r["source"] for r in b]
+    assert [r["token_ids"] for r in a] != [r["token_ids"] for r in c]
+    greedy_run = guided_generate(base, oracle, tok, ps, Policy("random", c=2, k=3, step_size=4,
+                                 p0=0.5, seed=0), max_new_tokens=16)  # fmt: skip
+    assert [r["token_ids"] for r in greedy_run] != [r["token_ids"] for r in a]
