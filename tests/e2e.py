@@ -17,18 +17,26 @@ BIN = Path(sys.executable).parent
 _SERVER: list = []
 
 
+# A Hugging Face token in every test run's environment, as a researcher's shell has one: it must
+# never reach a log, an output or the report (test_workflow checks every file of the demo).
+CANARY = {
+    "HF_TOKEN": "hf_reasonlabCanaryToken4f8a1c9e",
+    "HUGGING_FACE_HUB_TOKEN": "hf_reasonlabCanaryToken4f8a1c9e",
+}
+
+
 def job_env() -> dict:
     """The environment of a test's Snakemake run: with one job server for the whole session (as
     `make demo` runs the demo), started on first use; its jobs run as forks of it."""
     if not _SERVER:
         directory = tempfile.mkdtemp(prefix="reasonlab-test-jobserver-")
-        env = {**os.environ, jobserver.ENV_VAR: directory}
+        env = {**os.environ, **CANARY, jobserver.ENV_VAR: directory}
         p = subprocess.Popen([sys.executable, "-m", "reasonlab.jobserver", "--serve", directory,
                               "--idle", "1800"], env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
         p.stdout.readline()
         atexit.register(p.terminate)
         _SERVER.append(env)
-    return {**os.environ, jobserver.ENV_VAR: _SERVER[0][jobserver.ENV_VAR]}
+    return {**os.environ, **CANARY, jobserver.ENV_VAR: _SERVER[0][jobserver.ENV_VAR]}
 
 
 def snakemake(workdir, *args, check=True, timeout=1200):

@@ -42,6 +42,9 @@ def test_gsm8k_jsonl_rows_and_rejects():
     ]
     assert p.summary["n_read"] == 5 and p.summary["n_rejected"] == 2 and p.summary["n_rows"] == 3
     assert p.summary["n_without_reference"] == 1
+    # the broken line's own text is kept, so the user sees what to fix
+    line3 = (FIX / "gsm8k.jsonl").read_text().splitlines()[2]
+    assert p.rejects[0]["raw"] == line3 and line3
 
 
 def test_math_json_reference_subject_level_and_ids():

@@ -586,3 +586,20 @@ def test_guided_inference_runs_its_grid_and_the_oracle_helps(demo):
     row = tests.filter(pl.col("policy") == "always").row(0, named=True)
     assert (row["wins"], row["losses"]) == (wins, losses) and row["p_value"] == pytest.approx(p)
     assert 'id="guided"' in (demo / "results/report.html").read_text()
+
+
+def test_a_hugging_face_token_never_reaches_a_log_an_output_or_the_report(demo):
+    """Every test run has HF_TOKEN set (tests/e2e.py's canary): no file the demo wrote — results,
+    logs, benchmarks, Snakemake's own logs and metadata, the report — holds it."""
+    from e2e import CANARY
+
+    token = CANARY["HF_TOKEN"].encode()
+    scanned, found = 0, []
+    for path in demo.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            scanned += 1
+            with path.open("rb") as f:
+                if token in f.read():
+                    found.append(str(path.relative_to(demo)))
+    assert scanned > 500 and (demo / "results/report.html").exists()
+    assert found == []

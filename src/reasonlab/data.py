@@ -50,7 +50,12 @@ class DatasetError(ReasonlabError):
 
 
 class RowError(Exception):
-    """One record cannot be used; the message is the reason recorded in the rejects file."""
+    """One record cannot be used; the message is the reason recorded in the rejects file, `raw`
+    the record's source text where there is no parsed record (a line that is not JSON)."""
+
+    def __init__(self, message: str, raw: str | None = None):
+        super().__init__(message)
+        self.raw = raw
 
 
 @dataclass
@@ -101,7 +106,10 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
-                yield n, RowError(f"not valid JSON: {e.msg} (column {e.colno})")
+                yield (
+                    n,
+                    RowError(f"not valid JSON: {e.msg} (column {e.colno})", raw=line.rstrip("\n")),
+                )
 
 
 def _read_json(path: Path) -> Iterator[Record]:
@@ -418,7 +426,10 @@ def normalize_record(rec: Any, fmt: str, columns: dict[str, str]) -> dict:
 
 
 def _raw(rec: Any) -> str:
-    s = json.dumps(rec, ensure_ascii=False, default=str) if not isinstance(rec, RowError) else ""
+    if isinstance(rec, RowError):
+        s = rec.raw or ""
+    else:
+        s = json.dumps(rec, ensure_ascii=False, default=str)
     return s if len(s) <= RAW_CHARS else s[:RAW_CHARS] + "…"
 
 
