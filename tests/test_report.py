@@ -224,8 +224,9 @@ def test_long_tables_fold_and_rows_follow_selectors():
 
 def test_highest_lowest_entropy_tokens_start_folded(report_doc):
     _, doc = report_doc
-    part = doc[doc.index("Highest- and lowest-entropy tokens") :]
-    part = part[: part.index("<h3>")]
+    body = doc[doc.index("<main>") :]  # (the table of contents names the heading too)
+    part = body[body.index("Highest- and lowest-entropy tokens") :]
+    part = part[: part.index("<h3")]
     n_jobs = sum(len(c) for c in MODELS.values()) * 2  # two text sets per checkpoint
     assert part.count("<tr class=") == 2 * 5 * n_jobs  # 5 highest and 5 lowest per job, each
     assert part.count('data-sel-set="pool"') == 2 * 5 * n_jobs / 2  # tagged for the selectors
@@ -383,3 +384,18 @@ def test_accuracy_chart_data_matches_the_graded_rows(study):
              for r in spec["datasets"][spec["data"]["name"]]}  # fmt: skip
     assert drawn[("run-b", "step-20", "math")] == pytest.approx((k / 20, *wilson(k, 20)))
     assert len(drawn) == acc.height
+
+
+def test_contents_sorting_and_filtering(report_doc):
+    """The table of contents lists every section and its sub-headings (linked by id); every table
+    sorts by a click on a header, and a long one has a filter box."""
+    _, doc = report_doc
+    nav = doc[doc.index("<nav>") : doc.index("</nav>")]
+    body = doc[doc.index("<main>") :]
+    for key in re.findall(r'<section id="([^"]+)"', body):
+        assert f'href="#{key}"' in nav
+    subs = re.findall(r'<h3 id="([^"]+)">', body)
+    assert subs and all(f'href="#{i}"' in nav for i in subs) and len(set(subs)) == len(subs)
+    page = body[: body.index("<script>")]  # (the inlined Vega bundle holds a "<table" string)
+    assert page.count('<table class="rl-sortable">') == page.count("<table") > 3
+    assert 'class="rl-filter"' in body and "function rlCell" in doc

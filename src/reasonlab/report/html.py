@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 FOLD_ROWS = 25  # tables longer than this start folded (<details>)
+FILTER_ROWS = (
+    10  # tables longer than this get a filter box (every table sorts by a click on a header)
+)
 MAX_ROWS = 200  # rows of a table written to the page
 ALL = "(all)"  # a selector's value that shows every model / checkpoint / data set
 FEW = "(few)"  # the checkpoint selector's value for the first, the last and a few between
@@ -75,8 +78,13 @@ def table_html(
         else ""
     )
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    tools = (
+        '<input type="search" class="rl-filter" placeholder="filter rows…" aria-label="filter rows">'
+        if df.height > FILTER_ROWS
+        else ""
+    )
     table = (
-        f'<div class="tablewrap"><table>{cap}<thead><tr>{head}</tr></thead>'
+        f'<div class="tablewrap">{tools}<table class="rl-sortable">{cap}<thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(body)}</tbody></table></div>{note}"
     )
     if df.height > FOLD_ROWS:
@@ -116,11 +124,15 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}caption{text-align:le
 th,td{border:1px solid #dfe3ea;padding:3px 8px;text-align:left;vertical-align:top}th{background:#eef1f5}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.tablewrap{overflow-x:auto}
 .note{color:#6b7280;font-size:12px}.chart{margin:12px 0}.warn{color:#a33}.ok{color:#2a7a3a}
-.empty{color:#6b7280;font-style:italic}
+.empty{color:#6b7280;font-style:italic}tr.rl-filtered{display:none}
 form.selectors{position:sticky;top:0;z-index:5;background:#eef1f5;padding:6px 10px;margin:8px 0;
 border-radius:4px;font-size:13px}form.selectors label{margin-right:18px}
 form.selectors select{margin-left:4px;max-width:260px}
 pre{background:#f2f4f7;padding:8px;font-size:12px;white-space:pre-wrap}
+table.rl-sortable th{cursor:pointer;user-select:none}table.rl-sortable th[data-dir=asc]::after{content:" ▲"}
+table.rl-sortable th[data-dir=desc]::after{content:" ▼"}input.rl-filter{margin:4px 0;padding:3px 6px;width:260px}
+nav details{display:inline}nav ol{margin:6px 0 4px;padding-left:20px;columns:2}nav li{margin:2px 0}
+nav li ol{columns:1;font-size:13px;margin:2px 0}
 """
 
 # shows the elements tagged data-sel-<key> that match the selectors above them (tables, traces:
@@ -151,6 +163,52 @@ SELECT_JS = (
     "}\n"
 )
 
+# a click on a header sorts a table by that column (numbers as numbers; again: the other way); the
+# filter box above a long table hides the rows whose text does not contain what is typed (rows a
+# selector hides stay hidden)
+TABLE_JS = (
+    "function rlCell(tr, i) { const td = tr.children[i]; return td ? td.textContent : ''; }\n"
+    "for (const table of document.querySelectorAll('table.rl-sortable')) {\n"
+    "  const ths = table.tHead ? table.tHead.rows[0].cells : [];\n"
+    "  for (let i = 0; i < ths.length; i++) ths[i].addEventListener('click', () => {\n"
+    "    const th = ths[i], dir = th.dataset.dir === 'asc' ? 'desc' : 'asc';\n"
+    "    for (const h of ths) delete h.dataset.dir;\n"
+    "    th.dataset.dir = dir;\n"
+    "    const body = table.tBodies[0], rows = Array.from(body.rows), sign = dir === 'asc' ? 1 : -1;\n"
+    "    rows.sort((a, b) => {\n"
+    "      const x = rlCell(a, i), y = rlCell(b, i), nx = parseFloat(x), ny = parseFloat(y);\n"
+    "      if (!isNaN(nx) && !isNaN(ny) && String(nx) !== 'NaN') return sign * (nx - ny);\n"
+    "      return sign * x.localeCompare(y, undefined, {numeric: true});\n"
+    "    });\n"
+    "    for (const r of rows) body.appendChild(r);\n"
+    "  });\n"
+    "}\n"
+    "for (const box of document.querySelectorAll('input.rl-filter')) {\n"
+    "  const table = box.parentElement.querySelector('table');\n"
+    "  box.addEventListener('input', () => {\n"
+    "    const q = box.value.toLowerCase();\n"
+    "    for (const r of table.tBodies[0].rows) {\n"
+    "      r.classList.toggle('rl-filtered', q !== '' && !r.textContent.toLowerCase().includes(q));\n"
+    "    }\n"
+    "  });\n"
+    "}\n"
+)
+
+
+def _number_headings(markup: str, key: str) -> tuple[str, list[tuple[str, str]]]:
+    """Give each `<h3>` of a section an id (`<key>-<n>`) for the table of contents: (markup,
+    [(id, heading markup)])."""
+    import re
+
+    subs: list[tuple[str, str]] = []
+
+    def tag(m) -> str:
+        hid = f"{html.escape(key)}-{len(subs) + 1}"
+        subs.append((hid, m.group(1)))
+        return f'<h3 id="{hid}">{m.group(1)}</h3>'
+
+    return re.sub(r"<h3>(.*?)</h3>", tag, markup, flags=re.S), subs
+
 
 def _vega_bundle(vl_version: str) -> str:
     """Vega, Vega-Lite and Vega-Embed as one script (vl-convert bundles them; no network)."""
@@ -168,13 +226,16 @@ def render(sections: list[tuple[str, str, list[Block]]], title: str, subtitle: s
     # sections hand over aggregated tables, and the report must hold its data inline: no row cap
     with alt.data_transformers.disable_max_rows():
         for key, heading, blocks in sections:
-            nav.append(f'<a href="#{html.escape(key)}">{html.escape(heading)}</a>')
             inner = "\n".join(_render_block(b, charts) for b in blocks)
+            inner, subs = _number_headings(inner, key)
+            items = "".join(f'<li><a href="#{i}">{t}</a></li>' for i, t in subs)
+            nav.append(f'<li><a href="#{html.escape(key)}">{html.escape(heading)}</a>'
+                       + (f"<ol>{items}</ol>" if items else "") + "</li>")  # fmt: skip
             parts.append(
                 f'<section id="{html.escape(key)}"><h2>{html.escape(heading)}</h2>\n{inner}\n</section>'
             )
     vl_version = "v" + ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
-    script = f"<script>{SELECT_JS}</script>\n"
+    script = f"<script>{SELECT_JS}{TABLE_JS}</script>\n"
     if charts:
         specs = json.dumps(charts).replace("</", "<\\/")
         script += (
@@ -188,5 +249,6 @@ def render(sections: list[tuple[str, str, list[Block]]], title: str, subtitle: s
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
         f"<header><h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p></header>"
-        f"<nav>{''.join(nav)}</nav><main>{''.join(parts)}</main>{script}</body></html>\n"
+        f"<nav><details open><summary>Contents</summary><ol>{''.join(nav)}</ol></details></nav>"
+        f"<main>{''.join(parts)}</main>{script}</body></html>\n"
     )

@@ -302,7 +302,7 @@ def _extremes(ext, sel) -> Html:
         for r in shown.iter_rows(named=True)
     ]
     table = (
-        "<div class='tablewrap'><table><thead><tr><th>model</th><th>ckpt</th><th>text set</th>"
+        "<div class='tablewrap'><table class=\"rl-sortable\"><thead><tr><th>model</th><th>ckpt</th><th>text set</th>"
         "<th>which</th><th>entropy</th><th>p(token)</th><th>text:step</th>"
         f"<th>context + <b>token</b></th><th>top-1</th></tr></thead><tbody>{''.join(rows)}"
         "</tbody></table></div>"
