@@ -122,7 +122,7 @@ def test_quick_preset_reruns_from_the_datasets_down(demo):
     # score and generation follow; the demo's data, tokenizer, initial model and environments do not
     assert jobs == Counter({"prepare_dataset": len(DEMO["datasets"]), "select_training_data": 4, "finetune": 4, "resolve_model": N_CKPTS - 1, "score": N_SCORE,
                             "generate": len(TINY), "grade": len(TINY), "aggregate_generations": 1, "aggregate_scores": 1,
-                            "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "all": 1, **ANALYSES})  # fmt: skip
+                            "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "figures": 1, "all": 1, **ANALYSES})  # fmt: skip
 
 
 def test_invalid_config_stops_with_one_message(scratch):
@@ -179,7 +179,7 @@ def test_missing_sources_are_named(scratch):
     assert not (scratch / "results/models/other/base.json").exists()
 
 
-AGGREGATES = {"aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "all": 1}
+AGGREGATES = {"aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "figures": 1, "all": 1}
 
 
 def test_adding_an_external_model_schedules_only_its_jobs(scratch):
@@ -240,7 +240,7 @@ def test_changing_a_generation_parameter_reruns_generation_only(scratch):
     # (the run overview lists how every model-loading job ran, so it is gathered again too) and the
     # trace explorer of those generations; the demo captures no generations, so no activation job
     assert planned(scratch) == Counter({"generate": len(TINY), "grade": len(TINY), "score": len(TINY), "aggregate_generations": 1,
-                                        "aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "all": 1, **TRACES})  # fmt: skip
+                                        "aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "figures": 1, "all": 1, **TRACES})  # fmt: skip
 
 
 def test_speed_settings_rerun_nothing(scratch):
@@ -306,7 +306,7 @@ def test_job_stats_parser_sees_every_job(demo):
     assert set(jobs) == {"all", "build_demo_data", "build_demo_tokenizer", "build_demo_model", "describe_env",
                          "resolve_model", "prepare_dataset", "aggregate_overview", "report", "score", "aggregate_scores",
                          "select_training_data", "finetune", "aggregate_training", "generate", "grade", "aggregate_generations",
-                         *ANALYSES}  # fmt: skip
+                         "figures", *ANALYSES}  # fmt: skip
     assert (
         jobs["describe_env"] == 3
         and jobs["prepare_dataset"] == len(DEMO["datasets"])
@@ -603,3 +603,18 @@ def test_a_hugging_face_token_never_reaches_a_log_an_output_or_the_report(demo):
                     found.append(str(path.relative_to(demo)))
     assert scanned > 500 and (demo / "results/report.html").exists()
     assert found == []
+
+
+def test_every_chart_is_exported_as_svg_and_png(demo):
+    """results/figures/: one SVG and one PNG per chart of the report, per section, listed in the
+    index; each file a real image (an <svg> document, a PNG signature with a size)."""
+    index = json.loads((demo / "results/figures/index.json").read_text())
+    doc = (demo / "results/report.html").read_text()
+    body = doc[: doc.index("<script>const charts")]
+    assert len(index) == body.count('<div class="chart" id=')
+    assert {e["section"] for e in index} >= {"generation", "token-scores", "guided"}
+    for e in index:
+        svg, png = (demo / "results/figures" / f for f in e["files"])
+        assert svg.suffix == ".svg" and "<svg" in svg.read_text()[:500]
+        head = png.read_bytes()[:24]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 100

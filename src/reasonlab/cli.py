@@ -870,6 +870,23 @@ def report(a, log):
     log.info("report sections: %s", built)
 
 
+@step(
+    "figures",
+    "every chart of the report as SVG and PNG files under one folder per section (vl-convert)",
+    lambda p: (
+        p.add_argument("tables", nargs="*", help="aggregated Parquet files (named by their stem)"),
+        p.add_argument("--index", required=True, help="the folder's index.json (written last)"),
+        p.add_argument("--formats", nargs="+", default=["svg", "png"], choices=["svg", "png"]),
+    ),
+)
+def figures(a, log):
+    from reasonlab.report.build import export_figures
+
+    out = export_figures({Path(t).stem: t for t in a.tables}, {}, Path(a.index).parent,
+                         tuple(a.formats))  # fmt: skip
+    log.info("figures: %d charts of %d sections", len(out), len({e["section"] for e in out}))
+
+
 # ----------------------------------------------------------------------------- entry point
 
 

@@ -897,4 +897,5 @@ class Plan:
 
     @staticmethod
     def final_outputs() -> list[str]:
-        return ["results/report.html"]
+        """The report, and every chart of it as SVG and PNG (results/figures/<section>/)."""
+        return ["results/report.html", "results/figures/index.json"]

@@ -50,3 +50,23 @@ rule report:
     shell:
         "{params.python:q} -m reasonlab report --log {log:q} {input:q} --output {output:q}"
         " --title {params.title:q} --config-hash {params.config_hash}"
+
+
+rule figures:
+    input:
+        unpack(get_report_tables),
+    output:
+        "results/figures/index.json",
+    log:
+        "logs/figures.log",
+    localrule: True
+    conda:
+        conda_env("core")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        python=python_of("core"),
+    shell:
+        "{params.python:q} -m reasonlab figures --log {log:q} {input:q} --index {output:q}"
