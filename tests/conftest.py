@@ -25,10 +25,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """A finished demo run (results/report.html) in a temporary working directory."""
+    """A finished demo run (`make demo`'s target, rule all: results/report.html and
+    results/figures/) in a temporary working directory."""
     workdir = tmp_path_factory.mktemp("demo")
     shutil.copy(ROOT / "config.yaml", workdir / "config.yaml")
-    snakemake(workdir, "results/report.html")
+    snakemake(workdir)
     return workdir
 
 

@@ -219,6 +219,8 @@ def test_attention_statistics_use_the_valid_context_only(pair):
             assert st["context"] == q + 1
             assert st["attn_entropy"] == pytest.approx(float(ent.mean()), abs=1e-6)
             assert st["attn_varentropy"] == pytest.approx(float(ent.var(unbiased=False)), abs=1e-6)
+            agree = (p - p.mean(0, keepdim=True)).abs().mean(-1).mean()  # entropix's, valid keys
+            assert st["attn_agreement"] == pytest.approx(float(agree), abs=1e-6)
             spread.append(float(ent.mean()))
     assert max(spread) - min(spread) > 0.05  # peaked attention: the values differ
     assert m.config._attn_implementation == "eager"  # restored to what it was
@@ -378,6 +380,37 @@ def test_a_guide_job_its_aggregation_and_section(pair, tiny_model_dir, tmp_path)
     assert "&lt;b&gt;bold?&lt;/b&gt;" in text and "<b>bold?</b>" not in text
     seg = json.loads(always["segments"][0])
     assert [s["source"] for s in seg] == ["oracle"]
+    # seed 004's JSONL: its field names, one line per problem of every cell
+    from reasonlab.guided import export_seed004
+
+    n = export_seed004(tmp_path / "g" / "entropy.problems.parquet", tmp_path / "seed.jsonl")
+    lines = [json.loads(x) for x in (tmp_path / "seed.jsonl").read_text().splitlines()]
+    probs = pl.read_parquet(tmp_path / "g" / "entropy.problems.parquet")
+    assert n == len(lines) == probs.height
+    seed_keys = {"c", "k", "base_model_id", "oracle_model_id", "prompt", "result", "ground_truth",
+                 "parsed_answer", "interleaved_outputs", "cheat_positions",
+                 "total_tokens_generated", "analysis_result", "acc"}  # fmt: skip
+    for line, row in zip(lines, probs.iter_rows(named=True), strict=True):
+        assert seed_keys <= set(line) and (line["c"], line["k"]) == (2, 3)
+        assert line["acc"] == int(bool(row["correct"])) and line["result"] == row["completion"]
+        cons = json.loads(row["consultations"])
+        assert line["cheat_positions"] == [c["position"] for c in cons]
+        for a, c in zip(line["analysis_result"], cons, strict=True):
+            assert set(a) == {
+                "position",
+                "entropy",
+                "varentropy",
+                "top_prob",
+                "prob_top2_diff",
+                "attn_entropy",
+                "attn_varentropy",
+                "agreement",
+                "interaction_strength",
+            }
+            assert (a["top_prob"], a["interaction_strength"]) == (c["top1"], c["interaction"])
+        assert "".join(s["text"] for s in line["interleaved_outputs"]) == "".join(
+            s["text"] for s in json.loads(row["segments"])
+        )
 
 
 def test_an_unreachable_oracle_server_is_one_clear_error():

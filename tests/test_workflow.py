@@ -30,7 +30,8 @@ ANALYSES = {"capture_activations": len(TINY) * N_SETS, "directions": len(TINY) *
             "transfer": len(TINY) * (len(TINY) - 1), "patch": len(TINY),
             "trace_steps": len(TINY), "embed": len(TINY), "trace_map": 1, "aggregate_traces": 1,
             "guide": len(DEMO["guided"]["pairs"]) * len(DEMO["guided"]["datasets"]) * len(DEMO["guided"]["policies"]),
-            "aggregate_guided": 1}  # fmt: skip
+            "aggregate_guided": 1,
+            "export_seed004": len(DEMO["guided"]["pairs"]) * len(DEMO["guided"]["datasets"]) * len(DEMO["guided"]["policies"])}  # fmt: skip
 TRACES = {"trace_steps": len(TINY), "embed": len(TINY), "trace_map": 1, "aggregate_traces": 1}
 
 
@@ -618,3 +619,16 @@ def test_every_chart_is_exported_as_svg_and_png(demo):
         assert svg.suffix == ".svg" and "<svg" in svg.read_text()[:500]
         head = png.read_bytes()[:24]
         assert head[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(head[16:20], "big") > 100
+
+
+def test_seed_004s_jsonl_is_written_for_every_guided_job(demo):
+    """export.seed_formats: each guide job's problems as seed 004's JSONL, one line per problem of
+    every cell, `acc` the graded correctness."""
+    root = demo / "results/guided/tiny/step-200/tiny/final/demo-eval"
+    for policy in DEMO["guided"]["policies"]:
+        probs = pl.read_parquet(root / f"{policy}.problems.parquet")
+        path = demo / f"results/export/seed004/tiny/step-200/tiny/final/demo-eval/{policy}.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        assert len(lines) == probs.height
+        assert [x["acc"] for x in lines] == [int(bool(c)) for c in probs["correct"]]
+        assert all(len(x["analysis_result"]) == len(x["cheat_positions"]) for x in lines)

@@ -735,6 +735,20 @@ def guided_view(a, log):
 
 
 @step(
+    "export-seed004",
+    "a guide job's problems as seed 004's JSONL (analysis_result per problem)",
+    lambda p: (
+        p.add_argument("--problems", required=True, help="a guide job's .problems.parquet"),
+        p.add_argument("--output", required=True),
+    ),
+)
+def export_seed004(a, log):
+    from reasonlab.guided import export_seed004 as export
+
+    log.info("seed 004 JSONL: %d lines", export(a.problems, a.output))
+
+
+@step(
     "aggregate-guided",
     "every guided-inference job's cells, consultation points, traces and paired tests",
     lambda p: (

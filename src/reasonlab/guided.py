@@ -422,9 +422,14 @@ class _ProbeState:
             norm = ent / torch.log(n.double()).clamp_min(1e-12)[None, :]
             norm = torch.where(n[None, :] > 1, norm, torch.zeros_like(norm))
             inter = (scores.abs() * ok).sum(-1) / n[None, :]  # [heads, queries]
+            # entropix's agreement: how far each head's attention is from the heads' mean (mean
+            # absolute difference over the valid context; 0 = every head attends alike)
+            dev = (p - p.mean(0, keepdim=True)).abs().masked_fill(~ok, 0.0)
+            agree = dev.sum(-1) / n[None, :]  # [heads, queries]
             out.append([{"attn_entropy": float(norm[:, i].mean()),
                          "attn_varentropy": float(norm[:, i].var(unbiased=False)),
-                         "interaction": float(inter[:, i].mean()), "context": int(n[i])}
+                         "interaction": float(inter[:, i].mean()),
+                         "attn_agreement": float(agree[:, i].mean()), "context": int(n[i])}
                         for i in range(len(qs))])  # fmt: skip
         self.out = out
 
@@ -820,7 +825,7 @@ POINT_SCHEMA = {"position": "Int64", "trigger": "String", "entropy": "Float64",
                 "varentropy": "Float64", "top1": "Float64", "top2_diff": "Float64",
                 "top1_match": "Boolean", "kl": "Float64", "js": "Float64", "agreement_on": "String",
                 "attn_entropy": "Float64", "attn_varentropy": "Float64",
-                "interaction": "Float64", "context": "Int64"}  # fmt: skip
+                "interaction": "Float64", "attn_agreement": "Float64", "context": "Int64"}  # fmt: skip
 POINT_COLUMNS = tuple(POINT_SCHEMA)
 
 
@@ -846,3 +851,68 @@ def _cell_name(policy: str, cell: dict, info: dict) -> str:
     if cell["threshold"] is not None:
         return f"{name} t={cell['threshold']:g}"
     return name
+
+
+# ---------------------------------------------------------------- seed 004's files
+
+
+def seed004_lines(problems) -> list[dict]:
+    """A guide job's problems table as seed 004's JSONL records (`eval.py` + `stats_analysis.py`
+    fields): c, k, base_model_id, oracle_model_id, prompt, result, ground_truth, parsed_answer,
+    interleaved_outputs, cheat_positions, total_tokens_generated, analysis_result (per
+    consultation: position, entropy, varentropy, top_prob, prob_top2_diff, attn_entropy,
+    attn_varentropy, agreement — entropix's, the heads' agreement on where to attend —,
+    interaction_strength) and acc; plus reasonlab's policy, cell, step_size and oracle_fraction.
+    `c` and `k` are null for the oracle alone (seed 004's ∞)."""
+    cells = {}
+    out = []
+    for r in problems.iter_rows(named=True):
+        cell = r["cell"]
+        if cell not in cells:
+            cells[cell] = _cell_of(cell)
+        c, k, step = cells[cell]
+        cons = json.loads(r["consultations"] or "[]")
+        out.append({
+            "c": c, "k": k, "step_size": step, "policy": r["policy"], "cell": cell,
+            "base_model_id": r["base"], "oracle_model_id": r["oracle"], "id": r["id"],
+            "prompt": r["prompt"], "result": r["completion"], "ground_truth": r["reference"],
+            "parsed_answer": r["answer"],
+            "interleaved_outputs": [{"source": s["source"], "text": s["text"]}
+                                    for s in json.loads(r["segments"] or "[]")],
+            "cheat_positions": [x["position"] for x in cons],
+            "total_tokens_generated": r["n_completion_tokens"],
+            "oracle_fraction": r["oracle_fraction"],
+            "analysis_result": [{
+                "position": x["position"], "entropy": x.get("entropy"),
+                "varentropy": x.get("varentropy"), "top_prob": x.get("top1"),
+                "prob_top2_diff": x.get("top2_diff"), "attn_entropy": x.get("attn_entropy"),
+                "attn_varentropy": x.get("attn_varentropy"), "agreement": x.get("attn_agreement"),
+                "interaction_strength": x.get("interaction")} for x in cons],
+            "acc": int(bool(r["correct"])),
+        })  # fmt: skip
+    return out
+
+
+def _cell_of(cell: str) -> tuple[int | None, int | None, int | None]:
+    """(c, k, step size) from a cell's name (`never`: 0, 0; `always`: null, null)."""
+    if cell == "never":
+        return 0, 0, None
+    if cell == "always":
+        return None, None, None
+    m = re.search(r"c=(\d+) k=(\d+) s=(\d+)", cell)
+    return (int(m[1]), int(m[2]), int(m[3])) if m else (None, None, None)
+
+
+def export_seed004(problems_path, out_path) -> int:
+    """Write a guide job's problems as seed 004's JSONL (atomically); returns the lines."""
+    import os
+
+    import polars as pl
+
+    lines = seed004_lines(pl.read_parquet(problems_path))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    os.replace(tmp, out)
+    return len(lines)

@@ -804,6 +804,19 @@ class Plan:
         """`server` or `local`: how the oracle runs changes how agreement is measured (a param)."""
         return "server" if json.loads(self.guided_server(model, ckpt, model2, ckpt2)) else "local"
 
+    @property
+    def seed004_exports(self) -> list[str]:
+        """Seed 004's JSONL of every guide job, with `export.seed_formats`."""
+        if not (self.config.get("export") or {}).get("seed_formats"):
+            return []
+        return [self.seed004_output(*j) for j in self.guided_jobs]
+
+    @staticmethod
+    def seed004_output(
+        model: str, ckpt: str, model2: str, ckpt2: str, dataset: str, policy: str
+    ) -> str:
+        return f"results/export/seed004/{model}/{ckpt}/{model2}/{ckpt2}/{dataset}/{policy}.jsonl"
+
     def guided_jobs_arg(self) -> tuple[list[str], list[str]]:
         """(one `model/ckpt/model2/ckpt2/dataset/policy` word per guided job, its cells table)."""
         return ["/".join(j) for j in self.guided_jobs], [
@@ -895,7 +908,7 @@ class Plan:
             tables.update(table_paths(stage.TABLES))
         return tables
 
-    @staticmethod
-    def final_outputs() -> list[str]:
-        """The report, and every chart of it as SVG and PNG (results/figures/<section>/)."""
-        return ["results/report.html", "results/figures/index.json"]
+    def final_outputs(self) -> list[str]:
+        """The report, every chart of it as SVG and PNG (results/figures/<section>/), and with
+        `export.seed_formats` the seeds' own files."""
+        return ["results/report.html", "results/figures/index.json", *self.seed004_exports]

@@ -60,3 +60,24 @@ rule aggregate_guided:
     shell:
         "{params.python:q} -m reasonlab aggregate-guided --log {log:q} --jobs {params.jobs:q}"
         " --paths {input:q} --out-dir {params.out_dir}"
+
+
+rule export_seed004:
+    input:
+        "results/guided/{model}/{ckpt}/{model2}/{ckpt2}/{dataset}/{policy}.problems.parquet",
+    output:
+        "results/export/seed004/{model}/{ckpt}/{model2}/{ckpt2}/{dataset}/{policy}.jsonl",
+    log:
+        "logs/export_seed004/{model}/{ckpt}/{model2}/{ckpt2}/{dataset}/{policy}.log",
+    localrule: True
+    conda:
+        conda_env("core")
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        python=python_of("core"),
+    shell:
+        "{params.python:q} -m reasonlab export-seed004 --log {log:q} --problems {input:q}"
+        " --output {output:q}"

@@ -26,7 +26,7 @@ TITLE = "Guided inference: a small model consulting an oracle"
 TABLES: tuple[str, ...] = ("guided_cells", "guided_points", "guided_traces", "guided_tests")
 TRACES_PER_CELL = 3  # problems of each cell whose interleaved trace the report shows
 STATS = ("entropy", "varentropy", "top1", "top2_diff", "attn_entropy", "attn_varentropy",
-         "interaction", "kl", "js")  # fmt: skip
+         "attn_agreement", "interaction", "kl", "js")  # fmt: skip
 RUN = ["base", "oracle", "dataset"]
 POLICY_ORDER = ("never", "always", "entropy", "varentropy", "top1", "random", "structural")
 
