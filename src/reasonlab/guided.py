@@ -687,6 +687,7 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
 
     import polars as pl
     import torch
+    from tqdm import tqdm
 
     from reasonlab import compute as cp
     from reasonlab.data import read_dataset
@@ -733,7 +734,8 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
         free = run(Policy("never", seed=seed), stats=True)  # the base's own statistics
         base_stats = [s for r in free for s in r["position_stats"]]
     problems, summary, points = [], [], []
-    for ci, cell in enumerate(cells):
+    bar = tqdm(cells, desc=where, unit="cell", disable=not progress, mininterval=2)
+    for ci, cell in enumerate(bar):
         pol = cell_policy(policy_name, cell, settings)
         info = {"target": cell["target"], "runs": 1, "matched": None, "rate": None,
                 "threshold": cell["threshold"]}  # fmt: skip
