@@ -123,7 +123,7 @@ def test_quick_preset_reruns_from_the_datasets_down(demo):
     # score and generation follow; the demo's data, tokenizer, initial model and environments do not
     assert jobs == Counter({"prepare_dataset": len(DEMO["datasets"]), "select_training_data": 4, "finetune": 4, "resolve_model": N_CKPTS - 1, "score": N_SCORE,
                             "generate": len(TINY), "grade": len(TINY), "aggregate_generations": 1, "aggregate_scores": 1,
-                            "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "figures": 1, "all": 1, **ANALYSES})  # fmt: skip
+                            "aggregate_training": 1, "aggregate_overview": 1, "report": 1, "figures": 1, "export_seed003": 1, "all": 1, **ANALYSES})  # fmt: skip
 
 
 def test_invalid_config_stops_with_one_message(scratch):
@@ -180,7 +180,14 @@ def test_missing_sources_are_named(scratch):
     assert not (scratch / "results/models/other/base.json").exists()
 
 
-AGGREGATES = {"aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "figures": 1, "all": 1}
+AGGREGATES = {
+    "aggregate_scores": 1,
+    "aggregate_overview": 1,
+    "report": 1,
+    "figures": 1,
+    "export_seed003": 1,
+    "all": 1,
+}
 
 
 def test_adding_an_external_model_schedules_only_its_jobs(scratch):
@@ -241,7 +248,7 @@ def test_changing_a_generation_parameter_reruns_generation_only(scratch):
     # (the run overview lists how every model-loading job ran, so it is gathered again too) and the
     # trace explorer of those generations; the demo captures no generations, so no activation job
     assert planned(scratch) == Counter({"generate": len(TINY), "grade": len(TINY), "score": len(TINY), "aggregate_generations": 1,
-                                        "aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "figures": 1, "all": 1, **TRACES})  # fmt: skip
+                                        "aggregate_scores": 1, "aggregate_overview": 1, "report": 1, "figures": 1, "export_seed003": 1, "all": 1, **TRACES})  # fmt: skip
 
 
 def test_speed_settings_rerun_nothing(scratch):
@@ -307,7 +314,7 @@ def test_job_stats_parser_sees_every_job(demo):
     assert set(jobs) == {"all", "build_demo_data", "build_demo_tokenizer", "build_demo_model", "describe_env",
                          "resolve_model", "prepare_dataset", "aggregate_overview", "report", "score", "aggregate_scores",
                          "select_training_data", "finetune", "aggregate_training", "generate", "grade", "aggregate_generations",
-                         "figures", *ANALYSES}  # fmt: skip
+                         "figures", "export_seed003", *ANALYSES}  # fmt: skip
     assert (
         jobs["describe_env"] == 3
         and jobs["prepare_dataset"] == len(DEMO["datasets"])
@@ -632,3 +639,23 @@ def test_seed_004s_jsonl_is_written_for_every_guided_job(demo):
         assert len(lines) == probs.height
         assert [x["acc"] for x in lines] == [int(bool(c)) for c in probs["correct"]]
         assert all(len(x["analysis_result"]) == len(x["cheat_positions"]) for x in lines)
+
+
+def test_seed_003s_dynamics_json_is_recomputed_from_the_scores(demo):
+    """export.seed_formats: each trained model's text set as seed 003's dynamics JSON; each value
+    recomputed here from the checkpoint's own sequence scores (mean llh_sum and perplexity by
+    sample type), the steps from the run's trainer state."""
+    cfg = yaml.safe_load((demo / "config.yaml").read_text())
+    path = demo / "results/export/seed003/tiny-high/demo-pool_dynamics.json"
+    got = json.loads(path.read_text())
+    ckpts = cfg["models"]["tiny-high"]["checkpoints"]
+    assert got["steps"] == sorted(got["steps"]) and len(got["steps"]) == len(ckpts)
+    for i, ckpt in enumerate(ckpts):
+        seq = pl.read_parquet(demo / f"results/scores/tiny-high/{ckpt}/demo-pool.sequences.parquet")
+        for t, series in got["results_by_type"].items():
+            part = seq.filter(pl.col("type") == t)
+            assert series["avg_log_likelihood"][i] == pytest.approx(part["llh_sum"].mean())
+            assert series["avg_perplexity"][i] == pytest.approx(part["perplexity"].mean())
+    assert set(got["results_by_type"]) == set(
+        pl.read_parquet(demo / "results/scores/tiny-high/final/demo-pool.sequences.parquet")["type"]
+    )

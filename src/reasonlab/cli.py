@@ -735,6 +735,23 @@ def guided_view(a, log):
 
 
 @step(
+    "export-seed003",
+    "seed 003's dynamics JSON (steps, results_by_type) of trained models' text sets",
+    lambda p: (
+        p.add_argument("--by-type", required=True, help="the aggregated score_by_type table"),
+        p.add_argument("--checkpoints", required=True, help="the training_checkpoints table"),
+        p.add_argument("--pairs", nargs="+", required=True, help="model/textset per output"),
+        p.add_argument("--outputs", nargs="+", required=True),
+    ),
+)
+def export_seed003(a, log):
+    from reasonlab.export import export_seed003 as export
+
+    export(a.by_type, a.checkpoints, a.pairs, a.outputs)
+    log.info("seed 003 dynamics: %s", a.outputs)
+
+
+@step(
     "export-seed004",
     "a guide job's problems as seed 004's JSONL (analysis_result per problem)",
     lambda p: (

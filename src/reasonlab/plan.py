@@ -805,6 +805,21 @@ class Plan:
         return "server" if json.loads(self.guided_server(model, ckpt, model2, ckpt2)) else "local"
 
     @property
+    def seed003_pairs(self) -> list[str]:
+        """`model/textset` of every trained model (a run's checkpoints) and each configured text
+        set it is scored on, with `export.seed_formats`: seed 003's dynamics JSON of each."""
+        if not (self.config.get("export") or {}).get("seed_formats") or not self.training:
+            return []
+        scored = self.score["models"] or list(self.models)
+        return [f"{m}/{t}" for m in sorted(self.models) if "run" in self.models[m] and m in scored
+                for t in sorted(self.score["textsets"]) if not textsets.parse(t).generated]  # fmt: skip
+
+    @staticmethod
+    def seed003_output(pair: str) -> str:
+        model, textset = pair.split("/", 1)
+        return f"results/export/seed003/{model}/{textset}_dynamics.json"
+
+    @property
     def seed004_exports(self) -> list[str]:
         """Seed 004's JSONL of every guide job, with `export.seed_formats`."""
         if not (self.config.get("export") or {}).get("seed_formats"):
@@ -911,4 +926,5 @@ class Plan:
     def final_outputs(self) -> list[str]:
         """The report, every chart of it as SVG and PNG (results/figures/<section>/), and with
         `export.seed_formats` the seeds' own files."""
-        return ["results/report.html", "results/figures/index.json", *self.seed004_exports]
+        return ["results/report.html", "results/figures/index.json",
+                *map(self.seed003_output, self.seed003_pairs), *self.seed004_exports]  # fmt: skip

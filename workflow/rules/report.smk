@@ -70,3 +70,26 @@ rule figures:
         python=python_of("core"),
     shell:
         "{params.python:q} -m reasonlab figures --log {log:q} {input:q} --index {output:q}"
+
+
+rule export_seed003:
+    input:
+        by_type="results/aggregate/score_by_type.parquet",
+        checkpoints="results/aggregate/training_checkpoints.parquet",
+    output:
+        [PLAN.seed003_output(p) for p in PLAN.seed003_pairs],
+    log:
+        "logs/export_seed003.log",
+    localrule: True
+    conda:
+        conda_env("core")
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        python=python_of("core"),
+        pairs=PLAN.seed003_pairs,
+    shell:
+        "{params.python:q} -m reasonlab export-seed003 --log {log:q} --by-type {input.by_type:q}"
+        " --checkpoints {input.checkpoints:q} --pairs {params.pairs:q} --outputs {output:q}"
