@@ -75,6 +75,7 @@ def export_figures(tables: dict[str, str | Path], context: dict, out_dir: str | 
     import shutil
 
     import altair as alt
+    import polars as pl
     import vl_convert
 
     out = Path(out_dir)
@@ -87,8 +88,8 @@ def export_figures(tables: dict[str, str | Path], context: dict, out_dir: str | 
         shutil.rmtree(folder, ignore_errors=True)  # no figure of an earlier run stays behind
         n = 0
         for block in blocks:
-            if not hasattr(block, "to_dict") or type(block).__name__ == "DataFrame":
-                continue
+            if isinstance(block, pl.DataFrame) or not hasattr(block, "to_dict"):
+                continue  # a table, an HTML snippet, a paragraph: not a chart
             with alt.data_transformers.disable_max_rows():
                 spec = block.to_dict()
             for param in spec.get("params", []):
