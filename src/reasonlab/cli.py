@@ -719,12 +719,13 @@ def guided_view(a, log):
 
     df = pl.read_parquet(a.problems)
     if a.cell:
+        cells = sorted(set(df["cell"]))
         df = df.filter(pl.col("cell") == a.cell)
+        if not df.height:
+            raise SystemExit(f"{a.problems}: no cell {a.cell!r} (cells: {cells})")
+    if a.id and a.id not in set(df["id"]):
+        raise SystemExit(f"{a.problems}: no problem {a.id!r}")
     ids = [a.id] if a.id else df["id"].unique(maintain_order=True).head(a.limit).to_list()
-    if not df.height:
-        raise SystemExit(
-            f"{a.problems}: no cell {a.cell!r} (cells: {sorted(set(pl.read_parquet(a.problems)['cell']))})"
-        )
     for r in df.filter(pl.col("id").is_in(ids)).iter_rows(named=True):
         mark = "correct" if r["correct"] else "wrong"
         print(

@@ -657,7 +657,8 @@ def grid_cells(policy: str, settings: dict) -> list[dict]:
     statistic or random policy every (c, k, step) × budget target (or × fixed threshold); the
     structural one every (c, k, step), its fraction whatever the text gives."""
     if policy in ("never", "always"):
-        return [{"c": 0 if policy == "never" else None, "k": None, "step_size": 8,
+        return [{"c": 0 if policy == "never" else None, "k": 0 if policy == "never" else None,
+                 "step_size": None,
                  "target": 0.0 if policy == "never" else 1.0, "threshold": None}]  # fmt: skip
     g = settings["grid"]
     base = [
@@ -760,7 +761,8 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
                              "n_completion_tokens": len(r["token_ids"]), "finish_reason": r["finish_reason"],
                              "backend": "guided", "dtype": placement.dtype, "prompt_ids": ids[i],
                              "token_ids": r["token_ids"], "token_logprobs": None, "top_ids": None,
-                             "top_logprobs": None, "_cell": name, "_i": ci,
+                             "top_logprobs": None, "_cell": name,
+                             **{k: cell[k] for k in ("c", "k", "step_size")},
                              "oracle_mask": [s == "oracle" for s in r["source"]],
                              "segments": segs, "consultations": r["consultations"],
                              "n_consultations": r["n_consultations"], "oracle_tokens": r["oracle_tokens"],
@@ -774,11 +776,13 @@ def guided_job(base_handle, oracle_handle, data_path, policy_name: str, settings
     raw = to_frame([{k: p[k] for k in COLUMNS} for p in problems])
     graded = grade_table(raw, data, settings.get("format") or "math")
     extra = pl.DataFrame(
-        [{"cell": p["_cell"], "oracle_mask": p["oracle_mask"], "n_consultations": p["n_consultations"],
+        [{"cell": p["_cell"], "c": p["c"], "k": p["k"], "step_size": p["step_size"],
+          "oracle_mask": p["oracle_mask"], "n_consultations": p["n_consultations"],
           "oracle_tokens": p["oracle_tokens"], "oracle_fraction": p["oracle_fraction"],
           "segments": json.dumps(p["segments"], ensure_ascii=False),
           "consultations": json.dumps(p["consultations"])} for p in problems],
-        schema={"cell": pl.String, "oracle_mask": pl.List(pl.Boolean), "n_consultations": pl.Int64,
+        schema={"cell": pl.String, "c": pl.Int64, "k": pl.Int64, "step_size": pl.Int64,
+                "oracle_mask": pl.List(pl.Boolean), "n_consultations": pl.Int64,
                 "oracle_tokens": pl.Int64, "oracle_fraction": pl.Float64, "segments": pl.String,
                 "consultations": pl.String},
     )  # fmt: skip
@@ -837,7 +841,7 @@ def cell_policy(name: str, cell: dict, settings: dict) -> Policy:
     threshold = None
     if name in STATISTIC:
         threshold = cell["threshold"] if cell["threshold"] is not None else 0.0
-    return Policy(name, c=cell["c"] or 0, k=cell["k"] or 8, step_size=cell["step_size"],
+    return Policy(name, c=cell["c"] or 0, k=cell["k"] or 8, step_size=cell["step_size"] or 8,
                   threshold=threshold, p0=rand.get("p0", 0.05), slope=rand.get("slope", 0.002),
                   words=tuple((settings.get("structural") or {}).get("words") or Policy.words),
                   seed=int(settings.get("seed") or 0))  # fmt: skip
@@ -866,16 +870,12 @@ def seed004_lines(problems) -> list[dict]:
     attn_varentropy, agreement — entropix's, the heads' agreement on where to attend —,
     interaction_strength) and acc; plus reasonlab's policy, cell, step_size and oracle_fraction.
     `c` and `k` are null for the oracle alone (seed 004's ∞)."""
-    cells = {}
     out = []
     for r in problems.iter_rows(named=True):
-        cell = r["cell"]
-        if cell not in cells:
-            cells[cell] = _cell_of(cell)
-        c, k, step = cells[cell]
         cons = json.loads(r["consultations"] or "[]")
         out.append({
-            "c": c, "k": k, "step_size": step, "policy": r["policy"], "cell": cell,
+            "c": r["c"], "k": r["k"], "step_size": r["step_size"], "policy": r["policy"],
+            "cell": r["cell"],
             "base_model_id": r["base"], "oracle_model_id": r["oracle"], "id": r["id"],
             "prompt": r["prompt"], "result": r["completion"], "ground_truth": r["reference"],
             "parsed_answer": r["answer"],
@@ -893,16 +893,6 @@ def seed004_lines(problems) -> list[dict]:
             "acc": int(bool(r["correct"])),
         })  # fmt: skip
     return out
-
-
-def _cell_of(cell: str) -> tuple[int | None, int | None, int | None]:
-    """(c, k, step size) from a cell's name (`never`: 0, 0; `always`: null, null)."""
-    if cell == "never":
-        return 0, 0, None
-    if cell == "always":
-        return None, None, None
-    m = re.search(r"c=(\d+) k=(\d+) s=(\d+)", cell)
-    return (int(m[1]), int(m[2]), int(m[3])) if m else (None, None, None)
 
 
 def export_seed004(problems_path, out_path) -> int:

@@ -109,7 +109,7 @@ def _curve(cells) -> VegaLite:
     policies = sorted(set(mids["policy"])) or ["never"]
     rows = [mids]
     for p in policies:  # each policy's curve starts at base-only and ends at oracle-only
-        rows.append(ends.with_columns(policy=pl.lit(p), cell=pl.col("cell")))
+        rows.append(ends.with_columns(policy=pl.lit(p)))
     data = pl.concat(rows, how="diagonal_relaxed").select(
         "run", "policy", "cell", "c", "k", "step_size", "target", "oracle_fraction", "accuracy",
         "ci_low", "ci_high", "n", "matched")  # fmt: skip
