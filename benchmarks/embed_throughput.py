@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from workers import alternate  # benchmarks/workers.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -82,22 +84,8 @@ def main() -> None:
         return np.stack([model.encode([t], batch_size=1, normalize_embeddings=True)[0] for t in xs])
 
     ours(), loop()  # warm-up
-    times = {"reasonlab": [], "loop": []}
-    for r in range(a.runs):
-        for name, fn in (
-            (("reasonlab", ours), ("loop", loop))
-            if r % 2 == 0
-            else (("loop", loop), ("reasonlab", ours))
-        ):
-            if a.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            got = fn()
-            times[name].append(time.perf_counter() - t0)
-            if name == "reasonlab":
-                mine = got
-            else:
-                ref = got
+    times, got = alternate({"reasonlab": ours, "loop": loop}, a.runs, a.device)
+    mine, ref = got["reasonlab"], got["loop"]
     cos = (mine * ref).sum(1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(ref, axis=1))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{len(xs)} traces (median {int(np.median(n_tok))} tokens, {long} over the window): "

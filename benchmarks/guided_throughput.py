@@ -22,10 +22,9 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from workers import demo_and_large_models, demo_prompts  # benchmarks/workers.py
+from workers import alternate, demo_and_large_models, demo_prompts  # benchmarks/workers.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -72,13 +71,6 @@ def seed_style(base, oracle, prompts, threshold, c, k, step, max_new, eos, devic
     return out
 
 
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_pair(base_dir, oracle_dir, prompts, a, check: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -106,20 +98,7 @@ def run_pair(base_dir, oracle_dir, prompts, a, check: bool) -> dict:
         return seed_style(base, oracle, prompts, threshold, 4, 8, 8, a.max_new, eos, a.device)
 
     ours(), seed()  # warm-up
-    times = {"reasonlab": [], "seed_style": []}
-    got = {}
-    for r in range(a.runs):
-        order = (
-            (("reasonlab", ours), ("seed_style", seed))
-            if r % 2 == 0
-            else (("seed_style", seed), ("reasonlab", ours))
-        )
-        for name, fn in order:
-            sync(a.device)
-            t0 = time.perf_counter()
-            got[name] = fn()
-            sync(a.device)
-            times[name].append(time.perf_counter() - t0)
+    times, got = alternate({"reasonlab": ours, "seed_style": seed}, a.runs, a.device)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = sum(len(t) for t in got["reasonlab"])
     same = sum(x == y for x, y in zip(got["reasonlab"], got["seed_style"], strict=True))

@@ -4,6 +4,7 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 VOCAB = 151936  # a real vocabulary (Qwen2's): the demo's 1 k hides the output head's cost
@@ -92,3 +93,26 @@ def demo_prompts(model_dir: str, n: int) -> list[list[int]]:
         if len(out) == n:
             return out
     raise SystemExit(f"only {len(out)} distinct demo problems; ask for fewer prompts")
+
+
+def alternate(fns: dict, runs: int, device: str = "cpu") -> tuple[dict, dict]:
+    """Time each of `fns` (name -> callable) `runs` times in one process, alternating their order
+    run by run (so that drift favours neither), synchronising the GPU around each call on a CUDA
+    `device`: ({name: [seconds, ...]}, {name: its last result})."""
+
+    def sync():
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+    names = list(fns)
+    times, got = {n: [] for n in names}, {}
+    for r in range(runs):
+        for name in names if r % 2 == 0 else names[::-1]:
+            sync()
+            t0 = time.perf_counter()
+            got[name] = fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times, got
