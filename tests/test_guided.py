@@ -324,6 +324,7 @@ def test_a_guide_job_its_aggregation_and_section(pair, tiny_model_dir, tmp_path)
     from reasonlab.guided import guided_job
     from reasonlab.report import build, guided
     from reasonlab.report.guided import aggregate_guided
+    from reasonlab.report.html import unpacked
 
     rows = synth.build_demo_data(0, SMALL)["eval"]
     rows[0] = {**rows[0], "problem": rows[0]["problem"] + " <b>bold?</b>"}
@@ -375,7 +376,7 @@ def test_a_guide_job_its_aggregation_and_section(pair, tiny_model_dir, tmp_path)
         assert build.build_report(tables, {"title": "t"}, doc) == ["guided"]
     finally:
         build.SECTIONS = saved
-    text = doc.read_text()
+    text = unpacked(doc.read_text())
     assert "Accuracy against the oracle-token fraction" in text and 'class="oracle"' in text
     assert "&lt;b&gt;bold?&lt;/b&gt;" in text and "<b>bold?</b>" not in text
     seg = json.loads(always["segments"][0])

@@ -19,6 +19,7 @@ from reasonlab.patching import (
     tokenize_pair,
     trace_prefix,
 )
+from reasonlab.report.html import chart_specs, unpacked
 
 ARCHS = ["qwen2", "gpt2"]
 
@@ -189,7 +190,6 @@ def test_a_patch_job_writes_groups_tokens_and_pairs(tiny_model_dir, tmp_path):
 def test_the_report_section_draws_the_transfer_matrix_and_patching_heatmaps(tmp_path):
     """Aggregated from per-job files as the rules write them; the transfer matrix's cells are each
     setting's change from the baseline of its own job, the diagonal from the spec's own job."""
-    import re
 
     from reasonlab.report import build, interventions
 
@@ -237,16 +237,13 @@ def test_the_report_section_draws_the_transfer_matrix_and_patching_heatmaps(tmp_
     assert set(patching["n_skipped"]) == {1}
     doc_path = tmp_path / "r.html"
     build.build_report(out, {"title": "t"}, doc_path)
-    doc = doc_path.read_text()
+    doc = unpacked(doc_path.read_text())
     assert "Q &lt;b&gt;" in doc and "Q <b>" not in doc  # the steered traces, escaped
-    specs = json.loads(
-        re.search(r"const charts = (\[.*?\]);\n", doc, re.S).group(1).replace("<\\/", "</")
-    )
     cells = {}
-    for c in specs:
-        t = c["spec"].get("title", "")
+    for spec in chart_specs(doc):
+        t = spec.get("title", "")
         if "Transfer: accuracy change" in (t["text"] if isinstance(t, dict) else t):
-            for v in next(iter(c["spec"]["datasets"].values())):
+            for v in next(iter(spec["datasets"].values())):
                 cells[(v["direction_from"], v["steered"])] = v["d_accuracy"]
     assert cells == pytest.approx({("m/a", "m/a"): -0.25, ("m/b", "m/b"): -0.2,
                                    ("m/a", "m/b"): -0.1, ("m/b", "m/a"): 0.0})  # fmt: skip

@@ -14,7 +14,8 @@ from reasonlab import compute
 from reasonlab.grading import wilson
 from reasonlab.models import Handle, write_handle
 from reasonlab.report import build, charts, generate, overview, score, training
-from reasonlab.report.html import ALL, FOLD_ROWS, Html, render, table_html
+from reasonlab.report.html import ALL, FOLD_ROWS, Html, render, table_html, unpacked
+from reasonlab.report.html import chart_specs as html_chart_specs
 
 RUN_A = [f"step-{10 * i}" for i in range(1, 13)] + ["final"]  # 13 checkpoints
 SHORT = ["step-10", "step-20", "final"]
@@ -147,7 +148,7 @@ def study(tmp_path_factory):
 def report_doc(study, tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
     built = build.build_report(study, {"title": "T <x>", "config_hash": "abc123"}, out)
-    return built, out.read_text()
+    return built, unpacked(out.read_text())
 
 
 def title(spec: dict) -> str:
@@ -156,8 +157,7 @@ def title(spec: dict) -> str:
 
 
 def chart_specs(doc: str) -> list[dict]:
-    m = re.search(r"const charts = (\[.*?\]);\n", doc, re.S)
-    return [c["spec"] for c in json.loads(m.group(1).replace("<\\/", "</"))]
+    return html_chart_specs(doc)
 
 
 # ------------------------------------------------------------------ html and build
@@ -236,10 +236,15 @@ def test_highest_lowest_entropy_tokens_start_folded(report_doc):
 # ------------------------------------------------------------------ charts
 
 
+def eval_expr(expr: str, datum: dict, params: dict):
+    """A Vega expression of the helpers' shapes (comparisons, ||, &&, datum.f, datum[...]),
+    evaluated in Python."""
+    py = re.sub(r"datum\.(\w+)", r'datum["\1"]', expr.replace("||", " or ").replace("&&", " and "))
+    return eval(py, {"__builtins__": {}}, {"datum": datum, **params})  # noqa: S307
+
+
 def eval_filter(expr: str, datum: dict, params: dict) -> bool:
-    """A Vega filter expression of the helper's shape, evaluated in Python."""
-    py = expr.replace("||", " or ").replace("&&", " and ")
-    return bool(eval(py, {"__builtins__": {}}, {"datum": datum, **params}))  # noqa: S307
+    return bool(eval_expr(expr, datum, params))
 
 
 def series_per_panel(spec: dict, override: dict | None = None) -> dict:
@@ -248,13 +253,16 @@ def series_per_panel(spec: dict, override: dict | None = None) -> dict:
     apart by their colour, opacity, dash and detail fields."""
     data = spec["datasets"][spec["data"]["name"]]
     params = {p["name"]: p["value"] for p in spec.get("params", [])} | (override or {})
-    rows = [
-        r
-        for r in data
-        if all(
-            eval_filter(t["filter"], r, params) for t in spec.get("transform", []) if "filter" in t
-        )
-    ]
+    rows = []
+    for r in data:
+        r = dict(r)
+        for t in spec.get("transform", []):
+            if "filter" in t and not eval_filter(t["filter"], r, params):
+                break
+            if "calculate" in t:
+                r[t["as"]] = eval_expr(t["calculate"], r, params)
+        else:
+            rows.append(r)
     fields = set()
     for unit in [
         spec,
@@ -263,8 +271,9 @@ def series_per_panel(spec: dict, override: dict | None = None) -> dict:
         *spec.get("spec", {}).get("layer", []),
     ]:
         for channel in ("color", "opacity", "strokeDash", "detail"):
-            if "field" in unit.get("encoding", {}).get(channel, {}):
-                fields.add(unit["encoding"][channel]["field"])
+            enc = unit.get("encoding", {}).get(channel, {})
+            if "field" in enc and (channel == "opacity" or enc.get("type") != "quantitative"):
+                fields.add(enc["field"])  # (a quantitative colour is a heatmap's value)
     facet = spec.get("facet", {}).get("field")
     panels: dict = {}
     for r in rows:
@@ -399,3 +408,35 @@ def test_contents_sorting_and_filtering(report_doc):
     page = body[: body.index("<script>")]  # (the inlined Vega bundle holds a "<table" string)
     assert page.count('<table class="rl-sortable">') == page.count("<table") > 3
     assert 'class="rl-filter"' in body and "function rlCell" in doc
+
+
+def test_chart_data_is_stored_once_by_column_and_read_back():
+    """Two charts of one table: its rows stored once, by column, only the fields the charts use,
+    names coded, numbers to 5 significant digits; read back as rows (the page's inverse)."""
+    import re as _re
+
+    from reasonlab.report.html import RL_STORE, unpack
+
+    df = pl.DataFrame({"model": ["a", "a", "b", "b"], "x": [1.0, 2.123456789, 3.0, None],
+                       "unused": ["u1", "u2", "u3", "u4"]})  # fmt: skip
+    line = alt.Chart(df).mark_line().encode(x="x:Q", y="x:Q", color="model:N")
+    count = alt.Chart(df).mark_bar().encode(y="count():Q")  # names no field: still every row
+    doc = render([("s", "S", [line, line.mark_point(), count])], "t")
+    store = unpack(_re.search(RL_STORE, doc).group(1))
+    assert len(store) == 1  # one table, stored once
+    (cols,) = store.values()
+    assert cols["model"] == {"values": ["a", "b"], "codes": [0, 0, 1, 1]}
+    assert cols["x"] == [1.0, 2.1235, 3.0, None] and "unused" not in cols
+    specs = chart_specs(doc)
+    assert [len(next(iter(s["datasets"].values()))) for s in specs] == [4, 4, 4]
+    assert next(iter(specs[0]["datasets"].values()))[1] == {"model": "a", "x": 2.1235}
+
+
+def test_long_blocks_are_stored_compressed_and_opened_in_place():
+    df = pl.DataFrame({"model": [f"m{i % 7}" for i in range(3000)], "v": list(range(3000))})
+    doc = render([("s", "S", [Html("<h3>Big</h3>"), charts.table(df), "after"])], "t")
+    assert '<div class="rl-packed" data-z="' in doc and '<td class="num">1999</td>' not in doc
+    opened = unpacked(doc)
+    assert 'class="rl-packed"' not in opened and '<td class="num">1999</td>' in opened
+    assert opened.index("<h3") < opened.index("showing 2000 of 3000") < opened.index("<p>after</p>")
+    assert len(doc) < len(opened) / 3

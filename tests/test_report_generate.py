@@ -7,7 +7,7 @@ import pytest
 from reasonlab.grading import wilson
 from reasonlab.report import generate
 from reasonlab.report.generate import GenJob, aggregate_generations
-from reasonlab.report.html import Html, render
+from reasonlab.report.html import Html, render, unpacked
 
 LEVELS = ["Level 1", "Level 2", "Level 10", None]
 
@@ -105,13 +105,13 @@ def test_section_on_empty_and_all_null_tables(aggregated):
         {k: v.clear() for k, v in aggregated.items()},
         {k: all_null(v) for k, v in aggregated.items()},
     ):
-        doc = render([(generate.KEY, generate.TITLE, generate.section(tables, {}))], "t")
+        doc = unpacked(render([(generate.KEY, generate.TITLE, generate.section(tables, {}))], "t"))
         assert "Nothing to show" in doc and "const charts" not in doc
 
 
 def test_section_shows_levels_in_natural_order(aggregated):
     blocks = generate.section(aggregated, {})
-    doc = render([(generate.KEY, generate.TITLE, blocks)], "t")
+    doc = unpacked(render([(generate.KEY, generate.TITLE, blocks)], "t"))
     assert "Accuracy per level" in doc and generate.NO_LEVEL in doc
     chart = next(b for b in blocks if hasattr(b, "spec") and "level" in str(b.spec["title"]))
     colour = chart.spec["layer"][1]["encoding"]["color"] if "layer" in chart.spec else None

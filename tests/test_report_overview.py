@@ -8,7 +8,7 @@ import pytest
 
 from reasonlab.models import Handle, write_handle
 from reasonlab.report import overview
-from reasonlab.report.html import render
+from reasonlab.report.html import render, unpacked
 
 
 def handle(model, ckpt, base=None):
@@ -88,7 +88,7 @@ def test_devices_and_precision_of_every_job(aggregated):
         ("score", "final", "d1", "cuda:0", "bfloat16", 2),
         ("generate", "base", "d1", "cpu", "float32", 0),
     ]  # fmt: skip
-    doc = render([(overview.KEY, overview.TITLE, overview.section(aggregated, {}))], "t")
+    doc = unpacked(render([(overview.KEY, overview.TITLE, overview.section(aggregated, {}))], "t"))
     assert (
         "<b>score</b>: 2 job(s) on 2 × NVIDIA H100 in bfloat16, 15 s in all, peak GPU memory 14.0 GiB"
         in doc
@@ -119,8 +119,11 @@ def test_missing_output_path_is_a_clear_error(inputs, tmp_path):
 
 
 def test_section_escapes_and_reports_import_failures(aggregated):
-    doc = render(
-        [(overview.KEY, overview.TITLE, overview.section(aggregated, {"config_hash": "<h>"}))], "t"
+    doc = unpacked(
+        render(
+            [(overview.KEY, overview.TITLE, overview.section(aggregated, {"config_hash": "<h>"}))],
+            "t",
+        )
     )
     assert "&lt;b&gt;d2&lt;/b&gt;" in doc and "<b>d2</b>" not in doc and "&lt;h&gt;" in doc
     assert "import failed: vllm: No module named &#x27;vllm&#x27;" in doc
@@ -138,5 +141,5 @@ def test_no_inputs_and_all_null_tables_are_a_note(tmp_path, aggregated):
     empty = {k: pl.read_parquet(v) for k, v in out.items()}
     assert all(t.height == 0 and t.columns for t in empty.values())
     for tables in (empty, {k: all_null(v) for k, v in aggregated.items()}):
-        doc = render([(overview.KEY, overview.TITLE, overview.section(tables, {}))], "t")
+        doc = unpacked(render([(overview.KEY, overview.TITLE, overview.section(tables, {}))], "t"))
         assert "Nothing to show" in doc and "const charts" not in doc

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from reasonlab.report import score
-from reasonlab.report.html import render
+from reasonlab.report.html import render, unpacked
 from reasonlab.report.score import ScoreJob, aggregate_scores
 from reasonlab.textsets import label as textset_label
 
@@ -174,7 +174,7 @@ def all_null(df: pl.DataFrame, rows: int = 3) -> pl.DataFrame:
 
 
 def rendered(blocks) -> str:
-    return render([(score.KEY, score.TITLE, blocks)], "t")
+    return unpacked(render([(score.KEY, score.TITLE, blocks)], "t"))
 
 
 def test_generations_with_only_empty_completions_render(tmp_path):

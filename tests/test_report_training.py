@@ -8,7 +8,7 @@ import pytest
 
 from reasonlab.models import Handle, write_handle
 from reasonlab.report import training
-from reasonlab.report.html import render
+from reasonlab.report.html import render, unpacked
 from reasonlab.training import TrainingError
 
 FINAL = {"r1": 30, "r2": 20}
@@ -137,5 +137,5 @@ def test_section_on_empty_and_all_null_tables(aggregated):
         {k: v.clear() for k, v in full.items()},
         {k: all_null(v) for k, v in full.items()},
     ):
-        doc = render([(training.KEY, training.TITLE, training.section(tables, {}))], "t")
+        doc = unpacked(render([(training.KEY, training.TITLE, training.section(tables, {}))], "t"))
         assert "Nothing to show" in doc and "const charts" not in doc

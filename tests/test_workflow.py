@@ -13,6 +13,8 @@ import pytest
 import yaml
 from e2e import ROOT, planned, snakemake, write_config
 
+from reasonlab.report.html import chart_specs, unpacked
+
 pytestmark = pytest.mark.e2e
 
 DEMO = yaml.safe_load((ROOT / "config.yaml").read_text())
@@ -50,7 +52,7 @@ def demo(demo_run):
 
 
 def test_report_content(demo):
-    doc = (demo / "results/report.html").read_text()
+    doc = unpacked((demo / "results/report.html").read_text())
     assert "<script src" not in doc and "vegaEmbed" in doc
     for text in (
         "reasonlab demo report",
@@ -359,7 +361,7 @@ def test_scores_match_the_models_own_loss(demo):
         set(gens["type"]) <= {"correct", "incorrect"}
         and gens["n_texts"].sum() == len(TINY) * N_EVAL
     )
-    doc = (demo / "results/report.html").read_text()
+    doc = unpacked((demo / "results/report.html").read_text())
     assert "Token entropy and log-likelihood" in doc and "Highest- and lowest-entropy tokens" in doc
 
 
@@ -400,7 +402,7 @@ def test_training_runs_learn_and_checkpoints_load(demo):
     assert low["score"].max() <= picked["score"].min()
     train = json.loads((demo / "results/training/sft-high/data/train.json").read_text())
     assert len(train) == 64 and {r["instruction"] for r in train} == set(picked["question"])
-    assert "Training runs and dynamics" in (demo / "results/report.html").read_text()
+    assert "Training runs and dynamics" in unpacked((demo / "results/report.html").read_text())
 
 
 def test_generations_are_graded(demo):
@@ -421,7 +423,7 @@ def test_generations_are_graded(demo):
     assert (
         plain["correct"] == (plain["answer"].cast(pl.Int64) == plain["reference"].cast(pl.Int64))
     ).all()
-    assert "Generation and accuracy" in (demo / "results/report.html").read_text()
+    assert "Generation and accuracy" in unpacked((demo / "results/report.html").read_text())
 
 
 def test_own_generations_are_scored_on_the_generators_tokens(demo):
@@ -447,7 +449,9 @@ def test_own_generations_are_scored_on_the_generators_tokens(demo):
     assert (agree["textset"] == "demo-eval@self").all() and (
         agree["n_compared"] == agree["n_tokens"]
     ).all()
-    assert "Generator vs scorer log-probabilities" in (demo / "results/report.html").read_text()
+    assert "Generator vs scorer log-probabilities" in unpacked(
+        (demo / "results/report.html").read_text()
+    )
 
 
 def test_vllm_generates_the_same_tokens_and_agrees_with_the_scorer(scratch):
@@ -504,7 +508,7 @@ def test_interventions_sweep_every_checkpoint_with_its_baseline(demo):
             for row in part.iter_rows(named=True):
                 rows = table.filter(pl.col("setting") == row["setting"])
                 assert row["accuracy"] == rows["correct"].fill_null(False).mean()
-    assert 'id="interventions"' in (demo / "results/report.html").read_text()
+    assert 'id="interventions"' in unpacked((demo / "results/report.html").read_text())
 
 
 def test_transfer_and_patching_run_on_every_checkpoint(demo):
@@ -560,7 +564,7 @@ def test_the_trace_explorer_splits_embeds_and_maps_every_checkpoint(demo):
         assert np.allclose(np.linalg.norm(npy, axis=1), 1.0, atol=1e-4)
     points = pl.read_parquet(demo / "results/aggregate/tr_points.parquet")
     assert points.height == N_EVAL * len(TINY) and points["cluster"].min() >= 0
-    assert 'id="traces"' in (demo / "results/report.html").read_text()
+    assert 'id="traces"' in unpacked((demo / "results/report.html").read_text())
 
 
 def test_guided_inference_runs_its_grid_and_the_oracle_helps(demo):
@@ -593,7 +597,7 @@ def test_guided_inference_runs_its_grid_and_the_oracle_helps(demo):
     tests = pl.read_parquet(demo / "results/aggregate/guided_tests.parquet")
     row = tests.filter(pl.col("policy") == "always").row(0, named=True)
     assert (row["wins"], row["losses"]) == (wins, losses) and row["p_value"] == pytest.approx(p)
-    assert 'id="guided"' in (demo / "results/report.html").read_text()
+    assert 'id="guided"' in unpacked((demo / "results/report.html").read_text())
 
 
 def test_a_hugging_face_token_never_reaches_a_log_an_output_or_the_report(demo):
@@ -610,6 +614,10 @@ def test_a_hugging_face_token_never_reaches_a_log_an_output_or_the_report(demo):
                 if token in f.read():
                     found.append(str(path.relative_to(demo)))
     assert scanned > 500 and (demo / "results/report.html").exists()
+    # the report's compressed blocks and chart data, opened as the browser opens them
+    doc = (demo / "results/report.html").read_text()
+    opened = unpacked(doc) + json.dumps(chart_specs(doc))
+    assert "Highest- and lowest-entropy tokens" in opened and token.decode() not in opened
     assert found == []
 
 
@@ -617,8 +625,8 @@ def test_every_chart_is_exported_as_svg_and_png(demo):
     """results/figures/: one SVG and one PNG per chart of the report, per section, listed in the
     index; each file a real image (an <svg> document, a PNG signature with a size)."""
     index = json.loads((demo / "results/figures/index.json").read_text())
-    doc = (demo / "results/report.html").read_text()
-    body = doc[: doc.index("<script>const charts")]
+    doc = unpacked((demo / "results/report.html").read_text())
+    body = doc[: doc.index("<script>const RL_DATA")]
     assert len(index) == body.count('<div class="chart" id=')
     assert {e["section"] for e in index} >= {"generation", "token-scores", "guided"}
     for e in index:

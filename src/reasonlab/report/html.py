@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,13 @@ def table_html(
 
 
 def _render_block(block: Block, charts: list[dict]) -> str:
+    markup = _markup(block, charts)
+    if len(markup) > PACK_BYTES and "<script" not in markup:
+        return f"<!--rl-pack-->{markup}<!--/rl-pack-->"
+    return markup
+
+
+def _markup(block: Block, charts: list[dict]) -> str:
     import polars as pl
 
     if isinstance(block, Html):
@@ -195,10 +203,181 @@ TABLE_JS = (
 )
 
 
+# every chart's data is stored once, by column, gzip-compressed (see `hoist_data`); the page
+# inflates it with the browser's own DecompressionStream, turns it back into rows (Vega's inline
+# data) and draws the charts
+CHART_JS = (
+    "function rlRows(t) {\n"
+    "  const cols = Object.keys(t), n = cols.length ? t[cols[0]].length : 0, rows = new Array(n);\n"
+    "  const get = cols.map(c => Array.isArray(t[c]) ? (i => t[c][i]) : (i => t[c].values[t[c].codes[i]]));\n"
+    "  for (let i = 0; i < n; i++) {\n"
+    "    const r = {};\n"
+    "    for (let k = 0; k < cols.length; k++) r[cols[k]] = get[k](i);\n"
+    "    rows[i] = r;\n"
+    "  }\n"
+    "  return rows;\n"
+    "}\n"
+    "rlInflate(RL_DATA).then(JSON.parse).then(store => {\n"
+    "  const cache = {};\n"
+    "  for (const c of charts) {\n"
+    "    c.spec.datasets = {};\n"
+    "    for (const n of c.data) c.spec.datasets[n] = cache[n] || (cache[n] = rlRows(store[n]));\n"
+    '    vegaEmbed("#" + c.id, c.spec, {actions: false, renderer: "svg"}).catch(e => {\n'
+    '      document.getElementById(c.id).innerHTML = "<pre class=warn>" + e + "</pre>"; });\n'
+    "  }\n"
+    "});\n"
+)
+
+SIGNIFICANT = 5  # digits a chart's numbers keep in the page
+
+
+def _compact(v):
+    if isinstance(v, float) and v == v and v not in (float("inf"), float("-inf")):
+        return float(f"{v:.{SIGNIFICANT}g}")
+    return v
+
+
+def _strings(obj, out: set[str]) -> set[str]:
+    if isinstance(obj, str):
+        out.add(obj)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            out.add(k)
+            _strings(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _strings(v, out)
+    return out
+
+
+def _used(column: str, strings: set[str], text: str) -> bool:
+    """Whether a spec (its strings, and their text joined) names a data column: as a field, or
+    in an expression (`datum["c"]`, `datum.c`)."""
+    return column in strings or any(
+        f in text for f in (f'datum["{column}"]', f"datum['{column}']", f"datum.{column}")
+    )
+
+
+def _column(values: list):
+    """A column as a list, or, when few distinct values repeat (names, flags), as
+    {"values": distinct, "codes": index of each}."""
+    try:
+        distinct = list(dict.fromkeys(values))
+    except TypeError:
+        return values
+    if len(distinct) * 2 > len(values) or all(isinstance(v, int | float) and not isinstance(v, bool)
+                                              for v in distinct):  # fmt: skip
+        return values
+    index = {v: i for i, v in enumerate(distinct)}
+    return {"values": distinct, "codes": [index[v] for v in values]}
+
+
+def hoist_data(charts: list[dict]) -> dict[str, dict]:
+    """Move each chart's inline data sets (`spec["datasets"]`: name -> rows) into one store of the
+    page: by column (a field's name once, not once per row; repeated values such as names coded),
+    only the columns some chart that draws the data set names, numbers to SIGNIFICANT digits; a
+    data set that several charts draw (Altair names a data set by its content's hash) is stored
+    once. Each chart keeps the names of its data sets in `data`. Returns the store."""
+    rows_of: dict[str, list] = {}
+    used: dict[str, set[str]] = {}
+    for c in charts:
+        sets = c["spec"].pop("datasets", {}) or {}
+        c["data"] = list(sets)
+        strings = _strings(c["spec"], set())
+        text = "\n".join(strings)
+        for name, rows in sets.items():
+            rows_of.setdefault(name, rows)
+            cols = dict.fromkeys(k for r in rows for k in r)
+            used.setdefault(name, set()).update(k for k in cols if _used(k, strings, text))
+    store: dict[str, dict] = {}
+    for name, rows in rows_of.items():
+        every = list(dict.fromkeys(k for r in rows for k in r))
+        cols = [k for k in every if k in used[name]] or every  # (a chart counting rows only)
+        store[name] = {k: _column([_compact(r.get(k)) for r in rows]) for k in cols}
+    return store
+
+
+RL_STORE = r'const RL_DATA = "([A-Za-z0-9+/=]*)";'  # the page's chart data (`pack`)
+
+
+def pack_text(text: str) -> str:
+    """Text as the page holds what it stores compressed: gzip, base64."""
+    import base64
+    import gzip
+
+    return base64.b64encode(gzip.compress(text.encode(), compresslevel=9, mtime=0)).decode("ascii")
+
+
+def unpack_text(b64: str) -> str:
+    import base64
+    import gzip
+
+    return gzip.decompress(base64.b64decode(b64)).decode()
+
+
+def pack(store: dict) -> str:
+    """The chart data store as the page holds it: JSON, gzip, base64."""
+    return pack_text(json.dumps(store, separators=(",", ":"), ensure_ascii=False))
+
+
+def unpack(b64: str) -> dict:
+    return json.loads(unpack_text(b64))
+
+
+def unpacked(doc: str) -> str:
+    """The page with its compressed blocks put back in place (what the browser shows)."""
+
+    return re.sub(r'<div class="rl-packed" data-z="([A-Za-z0-9+/=]*)"></div>',
+                  lambda m: unpack_text(m.group(1)), doc)  # fmt: skip
+
+
+def chart_specs(doc: str) -> list[dict]:
+    """The Vega-Lite specs of a page `render` wrote, with their data sets as rows again (tests,
+    tools): the inverse of `hoist_data`."""
+
+    m = re.search(RL_STORE, doc)
+    store = unpack(m.group(1)) if m else {}
+    m = re.search(r"const charts = (.*?);\n", doc, re.S)
+    charts = json.loads(m.group(1).replace("<\\/", "</")) if m else []
+    specs = []
+    for c in charts:
+        spec = c["spec"]
+        spec["datasets"] = {}
+        for n in c.get("data", []):
+            t = {k: v if isinstance(v, list) else [v["values"][i] for i in v["codes"]]
+                 for k, v in store[n].items()}  # fmt: skip
+            cols = list(t)
+            spec["datasets"][n] = [dict(zip(cols, vals, strict=True))
+                                   for vals in zip(*(t[k] for k in cols), strict=True)]  # fmt: skip
+        specs.append(spec)
+    return specs
+
+
+PACK_BYTES = 20_000  # a block of more markup than this is stored compressed in the page
+
+# long blocks (tables, trace lists) are stored gzip-compressed in the page (`pack`) and put back
+# in place when it opens; then the selectors and tables get their behaviour
+PACK_JS = (
+    "async function rlInflate(b64) {\n"
+    "  const bytes = Uint8Array.from(atob(b64), ch => ch.charCodeAt(0));\n"
+    "  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream('gzip'));\n"
+    "  return await new Response(stream).text();\n"
+    "}\n"
+    "async function rlUnpack() {\n"
+    "  for (const el of Array.from(document.querySelectorAll('div.rl-packed'))) {\n"
+    "    el.outerHTML = await rlInflate(el.dataset.z);\n"
+    "  }\n"
+    "}\n"
+)
+
+
+def _packed(markup: str) -> str:
+    return f'<div class="rl-packed" data-z="{pack_text(markup)}"></div>'
+
+
 def _number_headings(markup: str, key: str) -> tuple[str, list[tuple[str, str]]]:
     """Give each `<h3>` of a section an id (`<key>-<n>`) for the table of contents: (markup,
     [(id, heading markup)])."""
-    import re
 
     subs: list[tuple[str, str]] = []
 
@@ -228,6 +407,8 @@ def render(sections: list[tuple[str, str, list[Block]]], title: str, subtitle: s
         for key, heading, blocks in sections:
             inner = "\n".join(_render_block(b, charts) for b in blocks)
             inner, subs = _number_headings(inner, key)
+            inner = re.sub(r"<!--rl-pack-->(.*?)<!--/rl-pack-->", lambda m: _packed(m.group(1)),
+                           inner, flags=re.S)  # fmt: skip
             items = "".join(f'<li><a href="#{i}">{t}</a></li>' for i, t in subs)
             nav.append(f'<li><a href="#{html.escape(key)}">{html.escape(heading)}</a>'
                        + (f"<ol>{items}</ol>" if items else "") + "</li>")  # fmt: skip
@@ -235,15 +416,14 @@ def render(sections: list[tuple[str, str, list[Block]]], title: str, subtitle: s
                 f'<section id="{html.escape(key)}"><h2>{html.escape(heading)}</h2>\n{inner}\n</section>'
             )
     vl_version = "v" + ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
-    script = f"<script>{SELECT_JS}{TABLE_JS}</script>\n"
+    script = f"<script>{PACK_JS}rlUnpack().then(() => {{\n{SELECT_JS}{TABLE_JS}}});</script>\n"
     if charts:
-        specs = json.dumps(charts).replace("</", "<\\/")
+        store = hoist_data(charts)
+        data = json.dumps(pack(store))
+        specs = json.dumps(charts, separators=(",", ":")).replace("</", "<\\/")
         script += (
             f"<script>{_vega_bundle(vl_version)}</script>\n"
-            f"<script>const charts = {specs};\n"
-            'for (const c of charts) { vegaEmbed("#" + c.id, c.spec, {actions: false, renderer: "svg"})'
-            '.catch(e => { document.getElementById(c.id).innerHTML = "<pre class=warn>" + e + "</pre>"; }); }'
-            "</script>"
+            f"<script>const RL_DATA = {data};\nconst charts = {specs};\n{CHART_JS}</script>"
         )
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -172,7 +172,7 @@ def _transfer(st, context: dict) -> list:
     return blocks
 
 
-def _patching(tables: dict) -> list:
+def _patching(tables: dict, context: dict) -> list:
     import polars as pl
 
     pt = charts.usable(tables.get("int_patching", pl.DataFrame()), "model", "ckpt", "effect")
@@ -188,6 +188,7 @@ def _patching(tables: dict) -> list:
     )
     counts = ", ".join(f"{r['checkpoint']}: {r['n_pairs']} pairs ({r['n_skipped']} skipped)"
                        for r in n.iter_rows(named=True))  # fmt: skip
+    sel = charts.selectors(f"{KEY}-patching", pt, palette=context.get("models"))
     blocks = [
         Html("<h3>Activation patching</h3><p>The corrupted prompt (one number changed) run with "
              "the clean run's residual stream written in at one site (0 = layer 0's input … L = "
@@ -198,7 +199,8 @@ def _patching(tables: dict) -> list:
              "Groups: <i>changed</i> the prompt's differing tokens, <i>prompt</i> its other tokens, "
              "<i>trace changed</i> / <i>trace</i> the solution's differing / other tokens, "
              "<i>last</i> the token that predicts the answer.</p>"),
-        charts.heatmap(pt, "group", "layer", "effect", None, title="Patching effect by site and position group",
+        charts.selector_bar(sel),
+        charts.heatmap(pt, "group", "layer", "effect", sel, title="Patching effect by site and position group",
                        facet="checkpoint", x_sort=order, facet_sort=ckpts, domain=(-0.2, 1.0),
                        tooltip=("n_pairs", "n_positions"),
                        columns=3),
@@ -212,7 +214,7 @@ def _patching(tables: dict) -> list:
             token=pl.format("{} {}", pl.col("position"), pl.col("token")),
         )  # fmt: skip
         blocks.append(charts.heatmap(
-            tok, "position", "layer", "normalised", None, facet="checkpoint", columns=1,
+            tok, "position", "layer", "normalised", sel, facet="checkpoint", columns=1,
             title=f"One pair ({tok['pair'][0]}) token by token: the effect of patching each "
                   "position (tooltip: the corrupted token and the clean one)",
             tooltip=("token", "clean_token", "group"), domain=(-0.2, 1.0), width=720, height=120,
@@ -280,7 +282,7 @@ def section(tables: dict, context: dict) -> list:
         if ex.height:
             blocks += [Html("<h3>Steered traces beside the baseline</h3>"), _examples(ex, sel)]
         blocks += _transfer(st, context)
-    blocks += _patching(tables)
+    blocks += _patching(tables, context)
     if st.height:
         cols = ["model", "ckpt", "spec", "source_model", "source_ckpt", "setting", "status", "n",
                 "accuracy", "ci_low", "ci_high", "mean_tokens", "tokens_ci_low", "tokens_ci_high",

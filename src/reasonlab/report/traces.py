@@ -111,8 +111,49 @@ def aggregate_traces(
         )
 
 
-def _map_chart(points, group: str, dataset: str):
-    """The 2-D map of one group, coloured by a selector (cluster, checkpoint, correctness)."""
+MAP_POINTS = 2000  # traces drawn per map (a sample spread evenly over its checkpoints)
+MAP_SELECT = "sel-traces-map"  # the <select> that picks the map shown
+
+
+def _map_key(group: str, dataset: str) -> str:
+    return f"{group} · {dataset}"
+
+
+def _sample(points, n: int = MAP_POINTS):
+    """At most `n` of a map's traces: every checkpoint's traces in its share, seeded."""
+    import polars as pl
+
+    if points.height <= n:
+        return points
+    by = [c for c in ("model", "ckpt") if c in points.columns]
+    return (points.with_columns(_r=pl.int_range(pl.len()).shuffle(seed=0).over(by),
+                                _n=pl.len().over(by))
+            .filter(pl.col("_r") < (pl.col("_n") * n / points.height).ceil())
+            .drop("_r", "_n"))  # fmt: skip
+
+
+def _map_select(keys: list[str]) -> Html:
+    opts = "".join(f'<option value="{html.escape(k)}">{html.escape(k)}</option>' for k in keys)
+    return Html(f'<form class="selectors" onsubmit="return false"><label>map<select '
+                f'id="{MAP_SELECT}" data-sel="map">{opts}</select></label>'
+                f'<span class="note">the maps, the 3-D view, the cluster composition, the lengths '
+                f"and the example traces show the chosen map</span></form>")  # fmt: skip
+
+
+def _map_param(first: str) -> dict:
+    return {"name": "sel_map", "value": first, "bind": {"element": "#" + MAP_SELECT}}
+
+
+def _on_map(spec: dict, first: str) -> VegaLite:
+    """A chart whose data has a `map` column, showing the selected map's rows."""
+    spec["params"] = [_map_param(first)] + spec.get("params", [])
+    spec["transform"] = [{"filter": "datum.map == sel_map"}] + spec.get("transform", [])
+    return VegaLite(spec)
+
+
+def _map_chart(points, first: str):
+    """The 2-D map of the chosen group, coloured by a selector (cluster, checkpoint,
+    correctness)."""
     import altair as alt
     import polars as pl
 
@@ -121,10 +162,10 @@ def _map_chart(points, group: str, dataset: str):
         cluster=pl.col("cluster").cast(pl.String),
         correctness=pl.when(pl.col("correct")).then(pl.lit("correct"))
         .when(pl.col("correct").not_()).then(pl.lit("wrong")).otherwise(pl.lit("not graded")),
-    ).select("checkpoint", "cluster", "correctness", "x", "y", "id", "start", "answer", "n_tokens")  # fmt: skip
+    ).select("map", "checkpoint", "cluster", "correctness", "x", "y", "id", "start", "answer", "n_tokens")  # fmt: skip
     if not data.height:
-        return charts.nothing(f"{group} / {dataset}: no map (see the notes)")
-    colour_by = alt.param(name=f"colour_{group}_{dataset}".replace("-", "_"), value="cluster",
+        return charts.nothing("no map (see the notes)")
+    colour_by = alt.param(name="colour_map", value="cluster",
                           bind=alt.binding_select(options=["cluster", "checkpoint", "correctness"],
                                                   name="colour by "))  # fmt: skip
     chart = (
@@ -137,36 +178,51 @@ def _map_chart(points, group: str, dataset: str):
                 color=alt.Color("colour:N", title=None),
                 tooltip=["checkpoint", "cluster", "correctness", "id", "answer", "n_tokens", "start"])
         .properties(width=520, height=420,
-                    title=charts._title(f"Map of the traces: {group}, {dataset} (t-SNE of their embeddings)"))
+                    title=charts._title("Map of the traces (t-SNE of their embeddings): the chosen map"))
     )  # fmt: skip
-    return VegaLite(charts._spec(chart))
+    return _on_map(charts._spec(chart), first)
 
 
-def _plotly_3d(points, group: str, dataset: str, first: bool) -> Html:
-    """An interactive 3-D scatter (plotly.js, inlined in the first one of the report)."""
+def _plotly_3d(points, keys: list[str]) -> Html:
+    """One interactive 3-D view (plotly.js, inlined) of the chosen map: each map's figure is stored
+    compressed and drawn when chosen (a page holds a few WebGL views at most)."""
     import polars as pl
 
-    data = points.filter(pl.col("x3").is_not_nan())
-    if not data.height:
-        return Html("")
-    traces = []
-    for (ckpt,), g in data.sort("ckpt_order").group_by("ckpt", maintain_order=True):
-        text = [f"{r['model']}/{r['ckpt']} · {r['id']} · cluster {r['cluster']} · answer {r['answer']}"
-                f"<br>{html.escape((r['start'] or '')[:80])}" for r in g.iter_rows(named=True)]  # fmt: skip
-        traces.append({"type": "scatter3d", "mode": "markers", "name": str(ckpt),
-                       "x": g["x3"].to_list(), "y": g["y3"].to_list(), "z": g["z3"].to_list(),
-                       "text": text, "hoverinfo": "text", "marker": {"size": 3, "opacity": 0.8}})  # fmt: skip
-    div = f"plot3d-{group}-{dataset}".replace("/", "-")
-    layout = {"title": {"text": f"3-D map: {group}, {dataset} (colour: checkpoint; drag to turn)"},
-              "height": 520, "margin": {"l": 0, "r": 0, "t": 40, "b": 0}}  # fmt: skip
-    script = ""
-    if first:
-        from plotly.offline import get_plotlyjs
+    from reasonlab.report.html import pack_text
 
-        script = "<script>" + get_plotlyjs().replace("</script>", "<\\/script>") + "</script>"
-    payload = json.dumps({"data": traces, "layout": layout}).replace("</", "<\\/")
-    return Html(f'{script}<div id="{div}" class="plot3d"></div><script>(function(){{var f={payload};'
-                f'Plotly.newPlot("{div}", f.data, f.layout, {{responsive: true}});}})();</script>')  # fmt: skip
+    figures = {}
+    for key in keys:
+        data = points.filter((pl.col("map") == key) & pl.col("x3").is_not_nan())
+        if not data.height:
+            continue
+        traces = []
+        for (ckpt,), g in data.sort("ckpt_order").group_by("ckpt", maintain_order=True):
+            text = [f"{r['model']}/{r['ckpt']} · {r['id']} · cluster {r['cluster']} · answer {r['answer']}"
+                    f"<br>{html.escape((r['start'] or '')[:80])}" for r in g.iter_rows(named=True)]  # fmt: skip
+            traces.append({"type": "scatter3d", "mode": "markers", "name": str(ckpt),
+                           "x": g["x3"].round(4).to_list(), "y": g["y3"].round(4).to_list(),
+                           "z": g["z3"].round(4).to_list(), "text": text, "hoverinfo": "text",
+                           "marker": {"size": 3, "opacity": 0.8}})  # fmt: skip
+        layout = {"title": {"text": f"3-D map: {key} (colour: checkpoint; drag to turn)"},
+                  "height": 520, "margin": {"l": 0, "r": 0, "t": 40, "b": 0}}  # fmt: skip
+        figures[key] = pack_text(json.dumps({"data": traces, "layout": layout}))
+    if not figures:
+        return Html("")
+    from plotly.offline import get_plotlyjs
+
+    script = "<script>" + get_plotlyjs().replace("</script>", "<\\/script>") + "</script>"
+    payload = json.dumps(figures).replace("</", "<\\/")
+    return Html(
+        f'{script}<div id="plot3d" class="plot3d"></div><script>(function(){{var figs={payload};'
+        "function draw(){var s=document.getElementById(" + json.dumps(MAP_SELECT) + ");"
+        "var z=figs[s.value];var el=document.getElementById('plot3d');"
+        "if(!z){Plotly.purge(el);el.innerHTML='<p class=\"empty\">No 3-D map for this one.</p>';return;}"
+        "rlInflate(z).then(function(t){var f=JSON.parse(t);el.innerHTML='';"
+        "Plotly.react(el,f.data,f.layout,{responsive:true});});}"
+        "document.addEventListener('DOMContentLoaded',function(){draw();"
+        "document.getElementById(" + json.dumps(MAP_SELECT) + ").addEventListener('input',draw);});"
+        "})();</script>"
+    )
 
 
 def section(tables: dict, context: dict) -> list:
@@ -186,21 +242,30 @@ def section(tables: dict, context: dict) -> list:
         if r["notes"]:
             blocks.append(Html(f'<p class="warn">{html.escape(r["group"])} / {html.escape(r["dataset"])}: '
                                f"{html.escape(r['notes'])}</p>"))  # fmt: skip
-    first = True
     if points.height:
-        for (group, dataset), g in points.group_by("group", "dataset", maintain_order=True):
-            info = maps.filter((pl.col("group") == group) & (pl.col("dataset") == dataset))
-            k = info["k"][0] if info.height else None
-            blocks.append(Html(f"<h3>{html.escape(group)} · {html.escape(dataset)}: {g.height} traces, "
-                               f"{k if k is not None else 'no'} clusters</h3>"))  # fmt: skip
-            blocks.append(_map_chart(g, group, dataset))
-            blocks.append(_plotly_3d(g, group, dataset, first))
-            first = False
+        points = points.with_columns(map=pl.col("group") + " · " + pl.col("dataset"))
+        keys = points["map"].unique(maintain_order=True).to_list()
+        first = keys[0]
+        shown = pl.concat([_sample(g) for _, g in points.group_by("map", maintain_order=True)])
+        listing = (points.group_by("map", "group", "dataset", maintain_order=True)
+                   .agg(traces=pl.len()).join(shown.group_by("map").agg(drawn=pl.len()), on="map")
+                   .join(maps.select("group", "dataset", "k"), on=["group", "dataset"], how="left")
+                   .rename({"k": "clusters"}).drop("map"))  # fmt: skip
+        blocks.append(Html("<h3>Maps</h3>"))
+        blocks.append(_map_select(keys))
+        blocks.append(Html(
+            f"<p>{len(keys)} map(s); each draws at most {MAP_POINTS} traces, every checkpoint in "
+            "its share (all of them: <code>results/traces/&lt;group&gt;/&lt;dataset&gt;"
+            ".points.parquet</code>).</p>"))  # fmt: skip
+        blocks.append(charts.table(listing))
+        blocks.append(_map_chart(shown, first))
+        blocks.append(_plotly_3d(shown, keys))
         comp = tables["tr_clusters"]
         if comp.height:
             comp = comp.with_columns(checkpoint=pl.col("model") + "/" + pl.col("ckpt"),
-                                     cluster=pl.col("cluster").cast(pl.String))  # fmt: skip
-            blocks.append(_composition(comp))
+                                     cluster=pl.col("cluster").cast(pl.String),
+                                     map=pl.col("group") + " · " + pl.col("dataset"))  # fmt: skip
+            blocks.append(_composition(comp, first))
         ph = tables["tr_phrases"]
         if ph.height:
             blocks += [Html("<h3>Phrases per cluster</h3><p>Top word n-grams (share: of the "
@@ -211,24 +276,24 @@ def section(tables: dict, context: dict) -> list:
         ex = tables["tr_examples"]
         if ex.height:
             blocks += [Html("<h3>Example traces per cluster</h3>"), _examples(ex)]
-        blocks += [_lengths(points)]
+        blocks += [_lengths(shown, first)]
     if steps.height:
-        blocks += _steps(tables)
+        blocks += _steps(tables, context)
     return blocks
 
 
-def _composition(comp):
+def _composition(comp, first: str):
     import altair as alt
 
     chart = (
         alt.Chart(comp)
         .mark_bar()
         .encode(x=alt.X("checkpoint:N", sort=None, title=None), y=alt.Y("n:Q", stack="normalize", title="share of traces"),
-                color=alt.Color("cluster:N"), column=alt.Column("group:N", title=None),
+                color=alt.Color("cluster:N"),
                 tooltip=["group", "dataset", "checkpoint", "cluster", "n", "correct"])
-        .properties(width=220, height=200, title=charts._title("Cluster composition by checkpoint"))
+        .properties(width=520, height=200, title=charts._title("Cluster composition by checkpoint (the chosen map)"))
     )  # fmt: skip
-    return VegaLite(charts._spec(chart))
+    return _on_map(charts._spec(chart), first)
 
 
 def _examples(ex) -> Html:
@@ -236,14 +301,16 @@ def _examples(ex) -> Html:
     for r in ex.sort("group", "dataset", "cluster").iter_rows(named=True):
         mark = "" if r["correct"] is None else ('<span class="ok">correct</span>' if r["correct"]
                                                 else '<span class="warn">wrong</span>')  # fmt: skip
-        items.append(f"<details><summary>{html.escape(r['group'])} · cluster {r['cluster']} · "
+        key = html.escape(_map_key(r["group"], r["dataset"]))
+        items.append(f'<details class="rl-row" data-sel-map="{key}"><summary>'
+                     f"{html.escape(r['group'])} · cluster {r['cluster']} · "
                      f"{html.escape(r['model'])}/{html.escape(r['ckpt'])} · {html.escape(str(r['id']))}: "
                      f"answer <code>{html.escape(str(r['answer']))}</code> {mark}</summary>"
                      f"<pre>{html.escape(r['example'] or '')}</pre></details>")  # fmt: skip
     return Html("".join(items))
 
 
-def _lengths(points):
+def _lengths(points, first: str):
     import altair as alt
     import polars as pl
 
@@ -251,8 +318,8 @@ def _lengths(points):
         checkpoint=pl.col("model") + "/" + pl.col("ckpt"),
         correctness=pl.when(pl.col("correct")).then(pl.lit("correct"))
         .when(pl.col("correct").not_()).then(pl.lit("wrong")).otherwise(pl.lit("not graded")),
-    ).unique(["model", "ckpt", "id", "sample"]).select("checkpoint", "ckpt_order", "correctness", "n_tokens", "n_words", "n_steps")  # fmt: skip
-    long = data.unpivot(index=["checkpoint", "ckpt_order", "correctness"], on=["n_tokens", "n_words", "n_steps"],
+    ).unique(["map", "model", "ckpt", "id", "sample"]).select("map", "checkpoint", "ckpt_order", "correctness", "n_tokens", "n_words", "n_steps")  # fmt: skip
+    long = data.unpivot(index=["map", "checkpoint", "ckpt_order", "correctness"], on=["n_tokens", "n_words", "n_steps"],
                         variable_name="length", value_name="value")  # fmt: skip
     order = data.sort("ckpt_order")["checkpoint"].unique(maintain_order=True).to_list()
     chart = (
@@ -262,38 +329,46 @@ def _lengths(points):
                 y=alt.Y("value:Q", title=None), color=alt.Color("correctness:N"),
                 column=alt.Column("length:N", title=None))
         .resolve_scale(y="independent")
-        .properties(width=220, height=200, title=charts._title("Lengths (tokens, words, steps) by checkpoint and correctness"))
+        .properties(width=220, height=200, title=charts._title("Lengths (tokens, words, steps) by checkpoint and correctness (the chosen map)"))
     )  # fmt: skip
-    return VegaLite(charts._spec(chart))
+    return _on_map(charts._spec(chart), first)
 
 
-def _steps(tables) -> list:
+def _steps(tables, context: dict) -> list:
     import altair as alt
     import polars as pl
 
     st = tables["tr_steps"].with_columns(
-        checkpoint=pl.col("model") + "/" + pl.col("ckpt"),
         dataset=pl.col("textset").str.split("@").list.first(),
         correctness=pl.when(pl.col("correct")).then(pl.lit("correct"))
         .when(pl.col("correct").not_()).then(pl.lit("wrong")).otherwise(pl.lit("not graded")),
     )  # fmt: skip
-    order = st.sort("model", "ckpt_order")["checkpoint"].unique(maintain_order=True).to_list()
+    sel = charts.selectors(f"{KEY}-steps", st, palette=context.get("models"))
+    st = charts.run_positions(st)
     blocks = [Html("<h3>Step-level uncertainty</h3><p>Mean entropy of a step's tokens by the "
-                   f"step's index in its trace (steps after {MAX_STEP_INDEX} pooled), per checkpoint, "
-                   "for correct and wrong traces; forking share: the share of a step's tokens above "
-                   "the text set's entropy quantile (traces.quantile).</p>")]  # fmt: skip
+                   f"step's index in its trace (steps after {MAX_STEP_INDEX} pooled), per checkpoint "
+                   "(colour: the model, shade: the checkpoint's place in its run, light = early), "
+                   "for correct (solid) and wrong (dashed) traces; forking share: the share of a "
+                   "step's tokens above the text set's entropy quantile (traces.quantile).</p>"),
+              charts.selector_bar(sel)]  # fmt: skip
     for col, label in (("entropy_mean", "mean token entropy of the step (nats)"),
                        ("forking_share", "share of forking tokens")):  # fmt: skip
         chart = (
             alt.Chart(st)
-            .mark_line(point=True)
+            .mark_line(point=True, strokeWidth=1.5)
             .encode(x=alt.X("step:O", title="step index"), y=alt.Y(f"{col}:Q", title=label),
-                    color=alt.Color("checkpoint:N", sort=order), strokeDash="correctness:N",
-                    column=alt.Column("dataset:N", title=None),
-                    tooltip=["checkpoint", "textset", "step", "correctness", "n", col])
-            .properties(width=320, height=200, title=charts._title(f"Steps: {label} by step index"))
+                    color=alt.Color("model:N", scale=charts._model_scale(sel, st), title="model"),
+                    opacity=alt.Opacity(f"{charts.POS}:Q", scale=alt.Scale(domain=[0, 1], range=[0.3, 1]),
+                                        title="run position (0 first, 1 last)",
+                                        legend=alt.Legend(values=[0, 0.5, 1])),
+                    detail="ckpt:N", strokeDash=alt.StrokeDash("correctness:N", title="trace"),
+                    tooltip=["model", "ckpt", "textset", "step", "correctness", "n", col])
+            .properties(width=320, height=200)
         )  # fmt: skip
-        blocks.append(VegaLite(charts._spec(chart)))
+        chart = charts._facet(chart, st, sel, None, 3).properties(
+            title=charts._title(f"Steps: {label} by step index")
+        )
+        blocks.append(charts._finish(chart, sel, charts._keys(st, sel, with_ckpt=True)))
     sc = tables["tr_step_clusters"]
     if sc.height:
         blocks += [Html("<p>Step uncertainty by cluster (the trace's cluster on the map):</p>"),
