@@ -525,3 +525,58 @@ def test_an_oracle_server_is_a_backend_param_and_its_url_speed_only():
     assert config_hash(results_config(q.config)) == config_hash(results_config(r.config))
     a, b = every_job_value(p), every_job_value(q)
     assert {k[0] for k in a if a[k] != b[k]} == {"guide"}
+
+
+def test_seed_formats_plan_the_seeds_files_per_dataset_and_job():
+    off = plan_of(lambda c: c["export"].update(seed_formats=False))
+    assert off.seed_exports() == []
+    assert off.final_outputs() == ["results/report.html", "results/figures/index.json"]
+    assert off.seed002_names == [] and off.seed001_steering_jobs == off.seed001_alignment_jobs == []
+    p = plan_of()  # the demo sets export.seed_formats
+    tiny = DEMO["models"]["tiny"]["checkpoints"]
+    exports = p.seed_exports()
+    assert set(exports) <= set(p.final_outputs()) and len(set(exports)) == len(exports)
+    # seed 002: per generation dataset, every generating checkpoint whose own generations are scored
+    assert p.seed002_datasets == ["demo-eval"]
+    assert p.seed002_names == [f"tiny_{c}" for c in tiny]
+    d = "results/export/seed002/demo-eval"
+    assert p.seed002_outputs("demo-eval") == [
+        *(f"{d}/tiny_{c}_{k}.csv" for c in tiny for k in ("token_stats", "all_tokens_detailed")),
+        f"{d}/prompt_level_results.csv", f"{d}/results_summary.json"]  # fmt: skip
+    assert p.seed002_inputs("demo-eval")["tokens"] == [
+        p.score_output("tiny", c, f"demo-eval@tiny@{c}", "tokens") for c in tiny]  # fmt: skip
+    # the rule's inputs and outputs are patterns over its one wildcard
+    assert {s.count("{dataset}") for s in p.seed002_outputs() + p.seed002_inputs()["tokens"]} == {1}
+    assert all(p.seed002_inputs()[k] for k in ("tokens", "generations", "handles"))
+    # seed 001: each steering job (not the ablations), each CKA pair with both sides' directions
+    assert p.seed001_steering_jobs == [("tiny", c, "steer") for c in tiny]
+    pairs = [("tiny", a, "tiny", b) for a, b in zip(tiny, tiny[1:], strict=False)]
+    assert p.seed001_alignment_jobs == p.cka_jobs == pairs
+    assert p.seed001_intervention_output("tiny", "final", "steer") in exports
+    assert p.seed001_alignment_output(*p.cka_jobs[0]) in exports
+    assert p.seed001_alignment_inputs() == {
+        "table": "results/cka/{model}/{ckpt}/{model2}/{ckpt2}.parquet",
+        "directions": ["results/directions/{model}/{ckpt}/reasoning/reasoning_directions.pt",
+                       "results/directions/{model2}/{ckpt2}/reasoning/reasoning_directions.pt"]}  # fmt: skip
+
+    def no_generations_scored(cfg):
+        cfg["score"]["generations"] = False
+        cfg["traces"]["models"] = []  # the trace explorer needs them
+
+    assert plan_of(no_generations_scored).seed002_datasets == []
+
+    def no_contrasts(cfg):  # no directions: the CKA alone
+        cfg["directions"]["contrasts"] = {}
+        cfg["interventions"]["specs"] = {"layers": cfg["interventions"]["specs"]["layers"]}
+        cfg["interventions"]["transfer"] = {"spec": None}
+
+    q = plan_of(no_contrasts)
+    assert q.seed001_alignment_inputs()["directions"] == [] and q.seed001_steering_jobs == []
+
+    def clash(cfg):  # x + b_c and x_b + c would write the same seed 002 files
+        cfg["models"]["x"] = {**cfg["models"]["tiny-init"], "checkpoints": ["b_c"]}
+        cfg["models"]["x_b"] = {**cfg["models"]["tiny-init"], "checkpoints": ["c"]}
+        cfg["generation"]["models"] = ["tiny", "x", "x_b"]
+
+    with pytest.raises(ValueError, match="x_b_c"):
+        _ = plan_of(clash).seed002_runs

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import polars as pl
@@ -181,3 +182,35 @@ def test_profile_without_sbatch_is_one_clear_error(on_cluster, tmp_path):
     assert r.returncode != 0
     assert "the SLURM executor (--profile slurm) needs SLURM's commands" in out
     assert "sbatch" in out and "Traceback" not in out
+
+
+def test_a_cancelled_job_is_retried_and_the_run_ends_correctly(on_cluster, cluster, demo_run):
+    """`scancel` of a running job (what pre-emption or an administrator does): the profile's
+    `retries` submits it again and the run ends with the same tables."""
+    work, _, _ = on_cluster
+    target = "results/scores/tiny/final/demo-pool.tokens.parquet"
+    before = {j["JobId"] for j in jobs(cluster)}
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(work), "--profile",
+           str(ROOT / "slurm"), "--slurm-init-seconds-before-status-checks", "3", "--forcerun",
+           target, "--", target]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=work, env=cluster, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            running = [j for j in jobs(cluster) if j["JobId"] not in before
+                       and j["JobState"] == "RUNNING"]  # fmt: skip
+            if running:
+                break
+            time.sleep(0.2)
+        assert running, "the job never ran"
+        subprocess.run(["scancel", running[0]["JobId"]], env=cluster, check=True)
+        out, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out[-4000:]
+    mine = [j for j in jobs(cluster) if j["JobId"] not in before]
+    states = sorted(j["JobState"] for j in mine)
+    assert states == ["CANCELLED", "COMPLETED"], states  # cancelled once, then run again
+    assert_frame_equal(pl.read_parquet(work / target), pl.read_parquet(demo_run / target))

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from reasonlab import ReasonlabError
 from reasonlab.options import speed
+from reasonlab.outputs import write_parquet, write_text
 
 log = logging.getLogger(__name__)
 
@@ -457,12 +458,12 @@ class ShardInfo:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
+    from reasonlab.outputs import atomic
+
+    with atomic(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Store:
@@ -786,8 +787,8 @@ def capture_promptset(handle, texts_path: str, out_index: str, out_meta: str, st
         "computed": res["computed"], "reused": res["reused"], "every_token_texts": len(res["every_token"]),
         "seconds": round(seconds, 2),
     }  # fmt: skip
-    index.write_parquet(out_index)
-    Path(out_meta).write_text(json.dumps(meta, indent=2) + "\n")
+    write_parquet(index, out_index)
+    write_text(out_meta, json.dumps(meta, indent=2) + "\n")
     log.info("captured %s", {k: meta[k] for k in ("texts", "computed", "reused", "seconds")})
     rec = cp.record(placement, machine, "capture_activations", model=h.model, ckpt=h.ckpt,
                     promptset=set_name, seconds=meta["seconds"])  # fmt: skip

@@ -255,6 +255,7 @@ def grade(a, log):
 
     from reasonlab.data import read_dataset
     from reasonlab.grading import grade_table
+    from reasonlab.outputs import write_parquet
 
     graded = grade_table(
         pl.read_parquet(a.raw),
@@ -263,7 +264,7 @@ def grade(a, log):
         a.reasoning_start or None,
         a.reasoning_end or None,
     )
-    graded.write_parquet(a.output)
+    write_parquet(graded, a.output)
     log.info(
         "%d completions, %d correct, %d flagged",
         graded.height,
@@ -750,6 +751,60 @@ def export_seed003(a, log):
 
     export(a.by_type, a.checkpoints, a.pairs, a.outputs)
     log.info("seed 003 dynamics: %s", a.outputs)
+
+
+@step(
+    "export-seed002",
+    "seed 002's files of one dataset: token stats and detailed tokens per checkpoint, prompt-level results, summary",
+    lambda p: (
+        p.add_argument("--names", nargs="*", default=[], help="seed 002's model name per checkpoint"),
+        p.add_argument("--tokens", nargs="*", default=[], help="each one's own scored generations (.tokens.parquet)"),
+        p.add_argument("--generations", nargs="*", default=[], help="each one's graded generations, aligned"),
+        p.add_argument("--handles", nargs="*", default=[], help="each one's handle, aligned"),
+        p.add_argument("--max-new-tokens", type=int, help="the generation setting (for the summary)"),
+        p.add_argument("--out-dir", required=True),
+    ),
+)  # fmt: skip
+def export_seed002(a, log):
+    from reasonlab.export import export_seed002 as export
+
+    summary = export(a.names, a.tokens, a.generations, a.handles, a.max_new_tokens, a.out_dir)
+    log.info("seed 002: %d prompts, %s", summary["num_examples_processed"], a.names)
+
+
+@step(
+    "export-seed001-interventions",
+    "a steering job's generations as seed 001's intervention_results.json (strength -> texts)",
+    lambda p: (
+        p.add_argument("--table", required=True, help="an intervene job's .table.parquet"),
+        p.add_argument("--settings", required=True, help="its .settings.parquet"),
+        p.add_argument("--output", required=True),
+    ),
+)
+def export_seed001_interventions(a, log):
+    from reasonlab.export import export_seed001_interventions as export
+
+    counts = export(a.table, a.settings, a.output)
+    log.info("seed 001 interventions (texts per strength): %s", counts)
+
+
+@step(
+    "export-seed001-alignment",
+    "a CKA pair as seed 001's alignment_results.json (with the directions' cosines)",
+    lambda p: (
+        p.add_argument("--table", required=True, help="a cka job's table"),
+        p.add_argument("--directions", nargs="*", default=[],
+                       help="side a's and side b's reasoning_directions.pt (none: no cosines)"),
+        p.add_argument("--output", required=True),
+    ),
+)  # fmt: skip
+def export_seed001_alignment(a, log):
+    from reasonlab.export import export_seed001_alignment as export
+
+    if a.directions and len(a.directions) != 2:
+        raise SystemExit(f"--directions takes both sides' files, not {len(a.directions)}")
+    got = export(a.table, a.output, a.directions or None)
+    log.info("seed 001 alignment: mean diagonal CKA %s", got["mean_diagonal_cka"])
 
 
 @step(

@@ -290,8 +290,6 @@ def write_record(rec: dict, path: str | Path | None) -> None:
     logging.getLogger(__name__).info("ran with %s", rec)
     if path is None:
         return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, p)
+    from reasonlab.outputs import write_text
+
+    write_text(path, json.dumps(rec, indent=1, sort_keys=True) + "\n")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from reasonlab import ReasonlabError
 from reasonlab.options import speed
+from reasonlab.outputs import write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -407,9 +408,7 @@ def generate_dataset(
                     recs.append({"id": r["id"], "sample": k, "prompt": p, **smp, "n_completion_tokens": len(smp["token_ids"]),
                                  "backend": backend_name, "dtype": placement.dtype})  # fmt: skip
             frame = to_frame(recs)
-            tmp = path.with_suffix(".tmp")
-            frame.write_parquet(tmp)
-            os.replace(tmp, path)
+            write_parquet(frame, path)
             frames.append(frame)
             done += 1
         if bar:
@@ -420,9 +419,7 @@ def generate_dataset(
     if engine is not None:
         engine.close()
     table = pl.concat(frames) if frames else to_frame([])
-    tmp = Path(str(out_path) + ".tmp")
-    table.write_parquet(tmp)
-    os.replace(tmp, out_path)
+    write_parquet(table, out_path)
     shutil.rmtree(shard_dir, ignore_errors=True)
     seconds = time.perf_counter() - t0
     n_tok = int(table["n_completion_tokens"].sum()) if table.height else 0

@@ -804,11 +804,104 @@ class Plan:
         """`server` or `local`: how the oracle runs changes how agreement is measured (a param)."""
         return "server" if json.loads(self.guided_server(model, ckpt, model2, ckpt2)) else "local"
 
+    def guided_jobs_arg(self) -> tuple[list[str], list[str]]:
+        """(one `model/ckpt/model2/ckpt2/dataset/policy` word per guided job, its cells table)."""
+        return ["/".join(j) for j in self.guided_jobs], [
+            self.guided_output(*j, "cells") for j in self.guided_jobs
+        ]
+
+    # ------------------------------------------------------------------ the seeds' own files
+
+    @property
+    def seed_formats(self) -> bool:
+        """`export.seed_formats`: also write the files the seeds' users read (results/export/)."""
+        return bool((self.config.get("export") or {}).get("seed_formats"))
+
+    @cached_property
+    def seed001_steering_jobs(self) -> list[tuple[str, str, str]]:
+        """(model, ckpt, spec) of every steering `intervene` job (a spec of kind steer), with
+        `export.seed_formats`: seed 001's intervention_results.json of each."""
+        if not self.seed_formats:
+            return []
+        specs = self.config["interventions"]["specs"] if self.intervene_jobs else {}
+        return [(m, c, k) for m, c, k in self.intervene_jobs if specs[k]["kind"] == "steer"]
+
+    @staticmethod
+    def seed001_intervention_output(model: str, ckpt: str, spec: str) -> str:
+        return f"results/export/seed001/{model}/{ckpt}/{spec}/intervention_results.json"
+
+    @property
+    def seed001_alignment_jobs(self) -> list[tuple[str, str, str, str]]:
+        """Every CKA pair, with `export.seed_formats`: seed 001's alignment_results.json of each."""
+        return self.cka_jobs if self.seed_formats else []
+
+    @staticmethod
+    def seed001_alignment_output(model: str, ckpt: str, model2: str, ckpt2: str) -> str:
+        return f"results/export/seed001/{model}/{ckpt}/{model2}/{ckpt2}/alignment_results.json"
+
+    def seed001_alignment_inputs(self) -> dict[str, str | list[str]]:
+        """The export rule's inputs, as patterns over its wildcards: the CKA table, and with
+        `directions.contrasts` both sides' directions of the first contrast by name (both sides of
+        a CKA pair capture activations, so both have them)."""
+        w = ("{model}", "{ckpt}", "{model2}", "{ckpt2}")
+        out: dict = {"table": self.cka_output(*w, "table"), "directions": []}
+        contrasts = sorted((self.config.get("directions") or {}).get("contrasts") or {})
+        if contrasts:
+            out["directions"] = [self.direction_output(w[0], w[1], contrasts[0], "pt"),
+                                 self.direction_output(w[2], w[3], contrasts[0], "pt")]  # fmt: skip
+        return out
+
+    @cached_property
+    def seed002_runs(self) -> list[tuple[str, str]]:
+        """(model, ckpt) of every generating checkpoint, in plan order, with `export.seed_formats`
+        and `score.generations` (its own generations scored under it): seed 002's models, the same
+        on every generation dataset. Their seed names must differ."""
+        if not self.seed_formats or not self.score["generations"]:
+            return []
+        runs = list(dict.fromkeys((j.model, j.ckpt) for j in self.gen_jobs))
+        names = [self.seed002_name(m, c) for m, c in runs]
+        clash = sorted({n for n in names if names.count(n) > 1})
+        if clash:
+            raise ValueError(
+                f"export.seed_formats: seed 002 names each checkpoint <model>_<ckpt>, and {clash} "
+                "would name two; rename a model or checkpoint"
+            )
+        return runs
+
+    @staticmethod
+    def seed002_name(model: str, ckpt: str) -> str:
+        """Seed 002's model_name of a checkpoint (its file names' prefix)."""
+        return f"{model}_{ckpt}".replace("/", "_")
+
+    @property
+    def seed002_names(self) -> list[str]:
+        return [self.seed002_name(m, c) for m, c in self.seed002_runs]
+
+    @property
+    def seed002_datasets(self) -> list[str]:
+        """Every generation dataset, with seed 002's models: its files are per dataset."""
+        return sorted(self.generation["datasets"]) if self.seed002_runs else []
+
+    def seed002_inputs(self, dataset: str = "{dataset}") -> dict[str, list[str]]:
+        """Each seed 002 model's own generations on a dataset scored under it (tokens), graded
+        (generations), and its handle; by default patterns over the rule's `{dataset}`."""
+        runs = self.seed002_runs
+        return {"tokens": [self.score_output(m, c, textsets.generated(dataset, m, c), "tokens")
+                           for m, c in runs],
+                "generations": [self.gen_output(m, c, dataset) for m, c in runs],
+                "handles": [self.handle(m, c) for m, c in runs]}  # fmt: skip
+
+    def seed002_outputs(self, dataset: str = "{dataset}") -> list[str]:
+        d = f"results/export/seed002/{dataset}"
+        return [f"{d}/{n}_{kind}.csv" for n in self.seed002_names
+                for kind in ("token_stats", "all_tokens_detailed")] + [
+            f"{d}/prompt_level_results.csv", f"{d}/results_summary.json"]  # fmt: skip
+
     @property
     def seed003_pairs(self) -> list[str]:
         """`model/textset` of every trained model (a run's checkpoints) and each configured text
         set it is scored on, with `export.seed_formats`: seed 003's dynamics JSON of each."""
-        if not (self.config.get("export") or {}).get("seed_formats") or not self.training:
+        if not self.seed_formats or not self.training:
             return []
         scored = self.score["models"] or list(self.models)
         return [f"{m}/{t}" for m in sorted(self.models) if "run" in self.models[m] and m in scored
@@ -822,7 +915,7 @@ class Plan:
     @property
     def seed004_exports(self) -> list[str]:
         """Seed 004's JSONL of every guide job, with `export.seed_formats`."""
-        if not (self.config.get("export") or {}).get("seed_formats"):
+        if not self.seed_formats:
             return []
         return [self.seed004_output(*j) for j in self.guided_jobs]
 
@@ -832,11 +925,12 @@ class Plan:
     ) -> str:
         return f"results/export/seed004/{model}/{ckpt}/{model2}/{ckpt2}/{dataset}/{policy}.jsonl"
 
-    def guided_jobs_arg(self) -> tuple[list[str], list[str]]:
-        """(one `model/ckpt/model2/ckpt2/dataset/policy` word per guided job, its cells table)."""
-        return ["/".join(j) for j in self.guided_jobs], [
-            self.guided_output(*j, "cells") for j in self.guided_jobs
-        ]
+    def seed_exports(self) -> list[str]:
+        """Every seed file `export.seed_formats` asks for (none without it)."""
+        return [*(p for d in self.seed002_datasets for p in self.seed002_outputs(d)),
+                *(self.seed001_intervention_output(*j) for j in self.seed001_steering_jobs),
+                *(self.seed001_alignment_output(*j) for j in self.seed001_alignment_jobs),
+                *map(self.seed003_output, self.seed003_pairs), *self.seed004_exports]  # fmt: skip
 
     # ------------------------------------------------------------------ devices and dtypes
 
@@ -926,5 +1020,4 @@ class Plan:
     def final_outputs(self) -> list[str]:
         """The report, every chart of it as SVG and PNG (results/figures/<section>/), and with
         `export.seed_formats` the seeds' own files."""
-        return ["results/report.html", "results/figures/index.json",
-                *map(self.seed003_output, self.seed003_pairs), *self.seed004_exports]  # fmt: skip
+        return ["results/report.html", "results/figures/index.json", *self.seed_exports()]

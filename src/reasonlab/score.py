@@ -907,18 +907,11 @@ def generated_items(df, dataset: str = "", generator: str = "") -> list[TextItem
 
 
 def write_tables(tables: dict, paths: dict) -> None:
-    """Write polars DataFrames to Parquet under temporary names, then move them into place together."""
-    import os
-    from pathlib import Path
+    """Write polars DataFrames to Parquet under temporary names, then move them into place together
+    (`reasonlab.outputs.write_all`: a failed write leaves none of them)."""
+    from reasonlab.outputs import write_all
 
-    tmp = {}
-    for key, df in tables.items():
-        out = Path(paths[key])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp[key] = out.with_name(out.name + ".tmp")
-        df.write_parquet(tmp[key])
-    for key, t in tmp.items():
-        os.replace(t, paths[key])
+    write_all(tables, paths)
 
 
 def score_textset(handle, texts, out_tokens, out_sequences, options: dict, prompt: str = "chat",

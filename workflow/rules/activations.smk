@@ -170,3 +170,24 @@ rule aggregate_activations:
     shell:
         "{params.python:q} -m reasonlab aggregate-activations --log {log:q} --jobs {params.jobs:q}"
         " --paths {params.paths:q} --out-dir {params.out_dir}"
+
+
+rule export_seed001_alignment:
+    input:
+        **PLAN.seed001_alignment_inputs(),
+    output:
+        "results/export/seed001/{model}/{ckpt}/{model2}/{ckpt2}/alignment_results.json",
+    log:
+        "logs/export_seed001_alignment/{model}/{ckpt}/{model2}/{ckpt2}.log",
+    localrule: True
+    conda:
+        conda_env("core")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        python=python_of("core"),
+    shell:
+        "{params.python:q} -m reasonlab export-seed001-alignment --log {log:q}"
+        " --table {input.table:q} --directions {input.directions:q} --output {output:q}"

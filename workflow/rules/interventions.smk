@@ -124,3 +124,25 @@ rule aggregate_interventions:
         "{params.python:q} -m reasonlab aggregate-interventions --log {log:q} --jobs {params.jobs:q}"
         " --paths {input.settings:q} --patch-jobs {params.patch_jobs:q}"
         " --patch-paths {input.patching:q} --out-dir {params.out_dir}"
+
+
+rule export_seed001_interventions:
+    input:
+        table="results/interventions/{model}/{ckpt}/{spec}.table.parquet",
+        settings="results/interventions/{model}/{ckpt}/{spec}.settings.parquet",
+    output:
+        "results/export/seed001/{model}/{ckpt}/{spec}/intervention_results.json",
+    log:
+        "logs/export_seed001_interventions/{model}/{ckpt}/{spec}.log",
+    localrule: True
+    conda:
+        conda_env("core")
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        python=python_of("core"),
+    shell:
+        "{params.python:q} -m reasonlab export-seed001-interventions --log {log:q}"
+        " --table {input.table:q} --settings {input.settings:q} --output {output:q}"

@@ -62,3 +62,29 @@ rule aggregate_scores:
         "{params.python:q} -m reasonlab aggregate-scores --log {log:q} --jobs {params.jobs:q}"
         " --tokens {input.tokens:q} --sequences {input.sequences:q} --out-dir {params.out_dir}"
         " --sample-prompts {params.sample_prompts} --extremes {params.extremes} {params.detailed}"
+
+
+rule export_seed002:
+    input:
+        **PLAN.seed002_inputs(),
+    output:
+        PLAN.seed002_outputs(),
+    log:
+        "logs/export_seed002/{dataset}.log",
+    localrule: True
+    conda:
+        conda_env("core")
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        python=python_of("core"),
+        names=PLAN.seed002_names,
+        max_new_tokens=config["generation"]["max_new_tokens"],
+        out_dir=get_out_dir,
+    shell:
+        "{params.python:q} -m reasonlab export-seed002 --log {log:q} --names {params.names:q}"
+        " --tokens {input.tokens:q} --generations {input.generations:q}"
+        " --handles {input.handles:q} --max-new-tokens {params.max_new_tokens}"
+        " --out-dir {params.out_dir:q}"
