@@ -47,6 +47,9 @@ def render_seconds(path: Path, runs: int, chromium: str) -> tuple[list[float], i
             page.wait_for_function(DRAWN, timeout=600_000, polling=100)
             times.append(time.perf_counter() - t)
             n = page.eval_on_selector_all("div.chart", "cs => cs.length")
+            errors.extend(
+                page.eval_on_selector_all("div.chart pre.warn", "ws => ws.map(w => w.textContent)")
+            )
             page.close()
         browser.close()
     return times[1:], n, errors

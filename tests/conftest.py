@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny demo tokenizer and model, and one finished demo run, built once per session."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def demo_run(tmp_path_factory):
     """A finished demo run (`make demo`'s target, rule all: results/report.html and
     results/figures/) in a temporary working directory."""
+    if os.environ.get("REASONLAB_TEST_DEMO"):  # a finished demo to reuse while developing
+        workdir = Path(os.environ["REASONLAB_TEST_DEMO"])
+        snakemake(workdir)  # brought up to date with the code under test
+        return workdir
     workdir = tmp_path_factory.mktemp("demo")
     shutil.copy(ROOT / "config.yaml", workdir / "config.yaml")
     snakemake(workdir)

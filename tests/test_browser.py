@@ -88,7 +88,7 @@ def test_each_sections_selectors_change_what_its_charts_draw(page):
     for sec in sections:
         before = pg.evaluate(COUNT_JS, sec)
         changed = None
-        for select in pg.locator(f"#{sec} form.selectors").first.locator("select").all():
+        for select in pg.locator(f"#{sec} form.selectors select").all():
             current = select.evaluate("s => s.value")
             for v in select.evaluate("s => Array.from(s.options).map(o => o.value)"):
                 if v == current:

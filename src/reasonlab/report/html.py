@@ -113,7 +113,7 @@ def _markup(block: Block, charts: list[dict]) -> str:
         return table_html(block)
     if hasattr(block, "to_dict"):  # a VegaLite spec or an Altair chart
         div = f"chart{len(charts)}"
-        charts.append({"id": div, "spec": block.to_dict()})
+        charts.append({"id": div, "spec": dict(block.to_dict())})  # (its data is moved out)
         return f'<div class="chart" id="{div}"></div>'
     raise TypeError(
         "a report block must be Html, str, a DataFrame, a VegaLite spec or an Altair chart, "
@@ -208,7 +208,8 @@ TABLE_JS = (
 # data) and draws the charts
 CHART_JS = (
     "function rlRows(t) {\n"
-    "  const cols = Object.keys(t), n = cols.length ? t[cols[0]].length : 0, rows = new Array(n);\n"
+    "  const cols = Object.keys(t), first = cols.length ? t[cols[0]] : [];\n"
+    "  const n = Array.isArray(first) ? first.length : first.codes.length, rows = new Array(n);\n"
     "  const get = cols.map(c => Array.isArray(t[c]) ? (i => t[c][i]) : (i => t[c].values[t[c].codes[i]]));\n"
     "  for (let i = 0; i < n; i++) {\n"
     "    const r = {};\n"
