@@ -297,7 +297,7 @@ def test_the_section_renders_with_one_many_and_no_correct_trace(tmp_path, ckpts,
     assert built == ["traces"]
     doc = unpacked(doc_path.read_text())
     assert (
-        doc.count("Plotly.react(") == 1
+        doc.count("Plotly.newPlot(") == 1
         and "Step 1 &lt;b&gt;" in doc
         and "Nothing to show" not in doc
     )

@@ -214,11 +214,15 @@ def _plotly_3d(points, keys: list[str]) -> Html:
     payload = json.dumps(figures).replace("</", "<\\/")
     return Html(
         f'{script}<div id="plot3d" class="plot3d"></div><script>(function(){{var figs={payload};'
+        # only the latest choice is drawn (Vega's binding to the same <select> may announce it
+        # too), on a purged element (Plotly.react on an emptied one would draw nothing)
+        "var shown=null,asked=0;"
         "function draw(){var s=document.getElementById(" + json.dumps(MAP_SELECT) + ");"
-        "var z=figs[s.value];var el=document.getElementById('plot3d');"
-        "if(!z){Plotly.purge(el);el.innerHTML='<p class=\"empty\">No 3-D map for this one.</p>';return;}"
-        "rlInflate(z).then(function(t){var f=JSON.parse(t);el.innerHTML='';"
-        "Plotly.react(el,f.data,f.layout,{responsive:true});});}"
+        "var key=s.value,z=figs[key],el=document.getElementById('plot3d'),me=++asked;"
+        "if(key===shown)return;"
+        "if(!z){shown=key;Plotly.purge(el);el.innerHTML='<p class=\"empty\">No 3-D map for this one.</p>';return;}"
+        "rlInflate(z).then(function(t){if(me!==asked)return;var f=JSON.parse(t);shown=key;"
+        "Plotly.purge(el);el.innerHTML='';Plotly.newPlot(el,f.data,f.layout,{responsive:true});});}"
         "document.addEventListener('DOMContentLoaded',function(){draw();"
         "document.getElementById(" + json.dumps(MAP_SELECT) + ").addEventListener('input',draw);});"
         "})();</script>"
