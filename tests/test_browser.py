@@ -71,7 +71,9 @@ def test_the_report_renders_without_errors_and_every_chart_draws(page):
     assert len(marks) == n and min(marks) > 0, marks
     # the 3-D map (plotly) draws too
     pg.wait_for_function("() => document.querySelector('#plot3d canvas')", timeout=60_000)
-    assert pg.evaluate("() => document.getElementById('plot3d').getBoundingClientRect().height") > 300
+    assert (
+        pg.evaluate("() => document.getElementById('plot3d').getBoundingClientRect().height") > 300
+    )
     shot = demo / "results" / "report.png"
     pg.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 100_000
