@@ -349,8 +349,12 @@ def test_checkpoint_order_and_few():
     assert pos["_pos"].to_list() == pytest.approx([i / 19 for i in range(20)])
     few = pos.filter(pl.col("_few"))["ckpt"].to_list()
     assert few[0] == "step-1" and few[-1] == "step-20" and len(few) == charts.FEW_CHECKPOINTS
+    # report.checkpoints_shown: 3 of the 20, evenly spaced (steps 1, 10 or 11, 20)
+    three = charts.run_positions(many, 3).filter(pl.col("_few")).sort("ckpt_order")["ckpt"]
+    assert three.to_list() in (["step-1", "step-11", "step-20"], ["step-1", "step-10", "step-20"])
     sel = charts.selectors("s", df)
     assert (sel.model, sel.ckpt, sel.set) == ("a", charts.FEW, ALL)  # a has most checkpoints
+    assert sel.few == charts.FEW_CHECKPOINTS and charts.selectors("s", df, few=3).few == 3
 
 
 def test_chart_of_nothing_is_a_note():

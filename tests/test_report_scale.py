@@ -7,6 +7,8 @@ import re
 
 import pytest
 import scale
+import yaml
+from e2e import ROOT
 from test_report import series_per_panel, title
 
 from reasonlab.report import build
@@ -16,15 +18,20 @@ pytestmark = pytest.mark.e2e
 
 MODELS, CKPTS, DATASETS = 10, 20, 3
 MAX_BYTES = 25_000_000
-MAX_SERIES = 10  # what a chart draws before a selector is changed (README: The report)
-MAX_PANELS = 12  # and in how many panels
+SHOWN = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())["properties"][
+    "report"]["properties"]["checkpoints_shown"]["default"]  # fmt: skip
+MAX_PANELS = 12  # the most panels a chart's default view draws
 
 
 @pytest.fixture(scope="module")
-def big(demo_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("scale")
-    tables = scale.build(demo_run / "results", out, MODELS, CKPTS, DATASETS)
-    doc = out / "report.html"
+def tables(demo_run, tmp_path_factory):
+    return scale.build(demo_run / "results", tmp_path_factory.mktemp("scale"), MODELS, CKPTS,
+                       DATASETS)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def big(tables, tmp_path_factory):
+    doc = tmp_path_factory.mktemp("scale-report") / "report.html"
     built = build.build_report(tables, {"title": "scale"}, doc)
     return built, doc
 
@@ -35,15 +42,25 @@ def test_the_report_of_a_large_study_stays_small(big):
     assert doc.stat().st_size < MAX_BYTES, doc.stat().st_size
 
 
-def test_every_chart_default_view_draws_a_bounded_number_of_series(big):
+@pytest.mark.parametrize("shown", [SHOWN, 3])
+def test_every_chart_default_view_draws_a_bounded_number_of_series(big, tables, shown, tmp_path):
+    """With report.checkpoints_shown = n (the default, and 3): every chart's default view draws at
+    most 2n series (n checkpoints x correct/wrong traces at most; the other series — clusters,
+    sample types, policies, levels — are the demo's few) in at most MAX_PANELS panels."""
     _, doc = big
+    if shown != SHOWN:
+        doc = tmp_path / "report.html"
+        build.build_report(tables, {"title": "scale", "checkpoints_shown": shown}, doc)
     specs = chart_specs(doc.read_text())
     assert len(specs) >= 25
+    worst = 0
     for spec in specs:
         panels = series_per_panel(spec)
         assert panels, title(spec)  # the default slice draws something
-        assert max(panels.values()) <= MAX_SERIES, (title(spec), panels)
+        assert max(panels.values()) <= 2 * shown, (title(spec), panels)
         assert len(panels) <= MAX_PANELS, (title(spec), len(panels))
+        worst = max(worst, max(panels.values()))
+    assert worst == 2 * shown  # the step charts: n checkpoints, correct and wrong
 
 
 def test_every_slice_is_still_in_the_page(big):

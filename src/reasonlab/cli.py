@@ -946,13 +946,15 @@ def aggregate_overview(a, log):
         p.add_argument("--output", required=True),
         p.add_argument("--title", default="reasonlab report"),
         p.add_argument("--config-hash", default="?"),
+        p.add_argument("--checkpoints-shown", type=int, default=5, help="report.checkpoints_shown"),
     ),
 )
 def report(a, log):
     import reasonlab
     from reasonlab.report.build import build_report
 
-    context = {"title": a.title, "config_hash": a.config_hash, "version": reasonlab.__version__}
+    context = {"title": a.title, "config_hash": a.config_hash, "version": reasonlab.__version__,
+               "checkpoints_shown": a.checkpoints_shown}  # fmt: skip
     built = build_report({Path(t).stem: t for t in a.tables}, context, a.output)
     log.info("report sections: %s", built)
 
@@ -964,12 +966,14 @@ def report(a, log):
         p.add_argument("tables", nargs="*", help="aggregated Parquet files (named by their stem)"),
         p.add_argument("--index", required=True, help="the folder's index.json (written last)"),
         p.add_argument("--formats", nargs="+", default=["svg", "png"], choices=["svg", "png"]),
+        p.add_argument("--checkpoints-shown", type=int, default=5, help="report.checkpoints_shown"),
     ),
 )
 def figures(a, log):
     from reasonlab.report.build import export_figures
 
-    out = export_figures({Path(t).stem: t for t in a.tables}, {}, Path(a.index).parent,
+    context = {"checkpoints_shown": a.checkpoints_shown}
+    out = export_figures({Path(t).stem: t for t in a.tables}, context, Path(a.index).parent,
                          tuple(a.formats))  # fmt: skip
     log.info("figures: %d charts of %d sections", len(out), len({e["section"] for e in out}))
 

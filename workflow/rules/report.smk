@@ -47,9 +47,11 @@ rule report:
         python=python_of("core"),
         title=config["report"]["title"],
         config_hash=CONFIG_HASH,
+        shown=config["report"]["checkpoints_shown"],
     shell:
         "{params.python:q} -m reasonlab report --log {log:q} {input:q} --output {output:q}"
         " --title {params.title:q} --config-hash {params.config_hash}"
+        " --checkpoints-shown {params.shown}"
 
 
 rule figures:
@@ -68,8 +70,10 @@ rule figures:
         runtime=10,
     params:
         python=python_of("core"),
+        shown=config["report"]["checkpoints_shown"],
     shell:
         "{params.python:q} -m reasonlab figures --log {log:q} {input:q} --index {output:q}"
+        " --checkpoints-shown {params.shown}"
 
 
 rule export_seed003:

@@ -220,6 +220,7 @@ def section(tables: dict, context: dict) -> list:
     if not (probes.height or cands.height or lens.height or cka.height):
         return [charts.nothing("no activation analysis was run")]
     palette = context.get("models")
+    few = context.get("checkpoints_shown")
     blocks: list = [
         Html(
             "<p>The residual stream of each analysed checkpoint, captured with hooks on the "
@@ -237,7 +238,7 @@ def section(tables: dict, context: dict) -> list:
             probes.with_columns(accuracy=pl.col("shuffled_accuracy"), measure=pl.lit("shuffled-label control")),
         ], how="diagonal_relaxed")  # fmt: skip
         sel = charts.selectors(
-            f"{KEY}-probes", long, set_field="probe", set_label="probe", palette=palette
+            f"{KEY}-probes", long, set_field="probe", set_label="probe", palette=palette, few=few
         )
         blocks += [
             Html("<p>Held-out accuracy of a logistic-regression probe per layer (left) and of the "
@@ -267,6 +268,7 @@ def section(tables: dict, context: dict) -> list:
             set_field="contrast",
             set_label="contrast",
             palette=palette,
+            few=few,
         )
         blocks += [
             Html("<p>Every (position, layer) candidate: <i>bypass</i> = change of the marker "
@@ -287,7 +289,7 @@ def section(tables: dict, context: dict) -> list:
         blocks.append(charts.nothing("no contrast was configured"))
     blocks.append(Html("<h3>Logit lens: the reference answer's rank by layer</h3>"))
     if lens.height:
-        sel = charts.selectors(f"{KEY}-lens", lens, set_field="dataset", palette=palette)
+        sel = charts.selectors(f"{KEY}-lens", lens, set_field="dataset", palette=palette, few=few)
         blocks += [
             charts.selector_bar(sel),
             charts.curve_chart(lens, "layer", "median_rank", sel, log_y=True, x_title="layer",
@@ -300,7 +302,12 @@ def section(tables: dict, context: dict) -> list:
     if cka.height:
         pairs = cka.with_columns(pair=pl.col("ckpt") + " → " + pl.col("ckpt_b"))
         sel = charts.selectors(
-            f"{KEY}-cka", pairs, set_field="position", set_label="position", palette=palette
+            f"{KEY}-cka",
+            pairs,
+            set_field="position",
+            set_label="position",
+            palette=palette,
+            few=few,
         )
         blocks += [
             charts.selector_bar(sel),

@@ -46,6 +46,7 @@ class Selectors:
     ckpt: str = FEW
     set: str = ALL
     palette: tuple[str, ...] = ()  # the colour domain of models: every model of the report
+    few: int = FEW_CHECKPOINTS  # how many checkpoints per model "a few" shows
 
     def element(self, key: str) -> str:
         return f"sel-{self.section}-{key}"
@@ -122,12 +123,15 @@ def selectors(
     model: str | None = None,
     dataset: str | None = None,
     palette: list[str] | tuple[str, ...] | None = None,
+    few: int | None = None,
 ) -> Selectors:
     """The selectors of a section whose charts draw `frames` (polars DataFrames with model, ckpt
     and `set_field` columns, where they have them). Shown first: `model` (else the model found in
     most of the frames, then with most checkpoints), `dataset` (else the set found in most of the
     frames, then the first by name) and a few checkpoints. `palette`: every model of the report,
-    so that a model has the same colour in every section (default: this section's models)."""
+    so that a model has the same colour in every section (default: this section's models).
+    `few`: how many checkpoints of a model "a few" shows (report.checkpoints_shown; default
+    FEW_CHECKPOINTS)."""
     models = _values(frames, "model")
     sets = _values(frames, set_field)
     counts: dict[str, set] = {}
@@ -158,6 +162,7 @@ def selectors(
         FEW,
         dataset if dataset in sets else ALL,
         colours,
+        few or FEW_CHECKPOINTS,
     )
 
 
@@ -206,9 +211,10 @@ def usable(df, *columns: str):
     return out
 
 
-def run_positions(df):
+def run_positions(df, few: int = FEW_CHECKPOINTS):
     """`df` with POS (the checkpoint's place in its model's run: 0 first .. 1 last) and FEW_FLAG
-    (the checkpoint is one of the first, last and evenly spaced ones between that "(few)" shows)."""
+    (the checkpoint is one of the `few` first, last and evenly spaced ones between that "(few)"
+    shows)."""
     import polars as pl
 
     if not {"model", "ckpt"} <= set(df.columns):
@@ -217,13 +223,11 @@ def run_positions(df):
     for m in df["model"].unique().to_list():
         names = checkpoint_order(df.filter(pl.col("model") == m))
         n = len(names)
-        few = (
-            set(names)
-            if n <= FEW_CHECKPOINTS
-            else {names[round(i * (n - 1) / (FEW_CHECKPOINTS - 1))] for i in range(FEW_CHECKPOINTS)}
+        shown = (
+            set(names) if n <= few else {names[round(i * (n - 1) / (few - 1))] for i in range(few)}
         )
         for i, c in enumerate(names):
-            rows.append((m, c, i / (n - 1) if n > 1 else 1.0, c in few))
+            rows.append((m, c, i / (n - 1) if n > 1 else 1.0, c in shown))
     pos = pl.DataFrame(
         rows,
         schema={
@@ -411,7 +415,7 @@ def curve_chart(
     data = usable(df, x, y, "model", *(["ckpt"] if has_ckpt else []))
     if data.height == 0:
         return nothing(f"{title} (no values)")
-    data = run_positions(data)
+    data = run_positions(data, sel.few)
     set_field = sel.set_field if sel.set_field in data.columns else None
     tips = [
         c for c in ("model", "ckpt", set_field, facet, x, y, *tooltip) if c and c in data.columns
@@ -477,7 +481,7 @@ def heatmap(
     if data.height == 0:
         return nothing(f"{title} (no values)")
     if sel is not None:
-        data = run_positions(data)
+        data = run_positions(data, sel.few)
     scale = alt.Scale(scheme=scheme, **({"domain": list(domain)} if domain else {}),
                       **({"domainMid": 0} if scheme in DIVERGING else {}))  # fmt: skip
     y_order = y_sort or ("descending" if y.startswith("layer") else "ascending")

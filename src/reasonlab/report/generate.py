@@ -190,6 +190,7 @@ def section(tables: dict, context: dict) -> list:
         set_field="dataset",
         set_label="dataset",
         palette=context.get("models"),
+        few=context.get("checkpoints_shown"),
     )
     blocks: list = [
         Html(

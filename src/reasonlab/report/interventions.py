@@ -188,7 +188,9 @@ def _patching(tables: dict, context: dict) -> list:
     )
     counts = ", ".join(f"{r['checkpoint']}: {r['n_pairs']} pairs ({r['n_skipped']} skipped)"
                        for r in n.iter_rows(named=True))  # fmt: skip
-    sel = charts.selectors(f"{KEY}-patching", pt, palette=context.get("models"))
+    sel = charts.selectors(
+        f"{KEY}-patching", pt, palette=context.get("models"), few=context.get("checkpoints_shown")
+    )
     blocks = [
         Html("<h3>Activation patching</h3><p>The corrupted prompt (one number changed) run with "
              "the clean run's residual stream written in at one site (0 = layer 0's input … L = "
@@ -236,7 +238,7 @@ def section(tables: dict, context: dict) -> list:
         own = st.filter(~pl.col("transfer"))
         steer_specs = sorted(set(own.filter(pl.col("kind") == "steer")["spec"]))
         sel = charts.selectors(KEY, own, set_field="spec", set_label="intervention",
-                               dataset=(steer_specs or [None])[0], palette=context.get("models"))  # fmt: skip
+                               dataset=(steer_specs or [None])[0], palette=context.get("models"), few=context.get("checkpoints_shown"))  # fmt: skip
         blocks += [
             Html("<p>Each checkpoint generates on the evaluation prompts under every setting of a "
                  "spec, the baseline (no intervention) in the same job. Steering adds strength × "

@@ -385,6 +385,7 @@ def section(tables: dict, context: dict) -> list:
         set_field="textset",
         set_label="text set",
         palette=context.get("models"),
+        few=context.get("checkpoints_shown"),
     )
     blocks: list = [
         Html(

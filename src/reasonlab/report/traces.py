@@ -347,8 +347,10 @@ def _steps(tables, context: dict) -> list:
         correctness=pl.when(pl.col("correct")).then(pl.lit("correct"))
         .when(pl.col("correct").not_()).then(pl.lit("wrong")).otherwise(pl.lit("not graded")),
     )  # fmt: skip
-    sel = charts.selectors(f"{KEY}-steps", st, palette=context.get("models"))
-    st = charts.run_positions(st)
+    sel = charts.selectors(
+        f"{KEY}-steps", st, palette=context.get("models"), few=context.get("checkpoints_shown")
+    )
+    st = charts.run_positions(st, sel.few)
     blocks = [Html("<h3>Step-level uncertainty</h3><p>Mean entropy of a step's tokens by the "
                    f"step's index in its trace (steps after {MAX_STEP_INDEX} pooled), per checkpoint "
                    "(colour: the model, shade: the checkpoint's place in its run, light = early), "

@@ -98,7 +98,13 @@ def section(tables: dict, context: dict) -> list:
         return [charts.nothing("no training run was recorded")]
     loss = _loss_by_model(loss, ckpts)
     sel = charts.selectors(
-        KEY, dyn, loss, set_field="textset", set_label="text set", palette=context.get("models")
+        KEY,
+        dyn,
+        loss,
+        set_field="textset",
+        set_label="text set",
+        palette=context.get("models"),
+        few=context.get("checkpoints_shown"),
     )
     blocks: list = [
         Html(
