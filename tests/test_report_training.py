@@ -139,3 +139,16 @@ def test_section_on_empty_and_all_null_tables(aggregated):
     ):
         doc = unpacked(render([(training.KEY, training.TITLE, training.section(tables, {}))], "t"))
         assert "Nothing to show" in doc and "const charts" not in doc
+
+
+def test_the_text_set_with_most_sample_types_is_shown_first(aggregated):
+    """Two text sets: "a-eval" (no sample types) sorts first by name, "pool" (two types) is the one
+    whose dynamics by type compare something, so the selector starts there."""
+    rows = by_type(aggregated["training_checkpoints"])
+    plain = rows.with_columns(textset=pl.lit("a-eval"), type=pl.lit(None, pl.String)).unique(
+        ["model", "ckpt"]
+    )
+    tables = aggregated | {"score_by_type": pl.concat([plain, rows])}
+    blocks = training.section(tables, {})
+    bar = next(b.markup for b in blocks if hasattr(b, "markup") and 'data-sel="set"' in b.markup)
+    assert '<option value="pool" selected>' in bar and '<option value="a-eval">' in bar

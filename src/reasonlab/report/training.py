@@ -97,12 +97,20 @@ def section(tables: dict, context: dict) -> list:
     if not (loss.height or selection.height or dyn.height):
         return [charts.nothing("no training run was recorded")]
     loss = _loss_by_model(loss, ckpts)
+    # shown first: the text set with most sample types (seed 003's pool), where the dynamics
+    # by type have something to compare
+    first = None
+    if dyn.height and "type" in dyn.columns:
+        kinds = dyn.group_by("textset").agg(pl.col("type").n_unique()).sort("type", "textset",
+                                                                           descending=[True, False])  # fmt: skip
+        first = kinds["textset"][0]
     sel = charts.selectors(
         KEY,
         dyn,
         loss,
         set_field="textset",
         set_label="text set",
+        dataset=first,
         palette=context.get("models"),
         few=context.get("checkpoints_shown"),
     )
