@@ -22,22 +22,12 @@ import json
 import math
 from pathlib import Path
 
+from reasonlab.outputs import write_texts
+
 GENERATION_COLUMNS = ("id", "sample", "prompt", "completion", "prompt_ids", "token_ids")
 SEED002_TOKEN_COLUMNS = [
     "current_token", "next_token", "entropy", "probability_of_next_token", "generation_step",
 ]  # fmt: skip
-
-
-def _write_all(texts: dict) -> None:
-    """Write every path -> text under a temporary name first, then move each into place
-    (`reasonlab.outputs.atomic`: a failed write leaves none of them, a full disk is one error)."""
-    import contextlib
-
-    from reasonlab.outputs import atomic
-
-    with contextlib.ExitStack() as stack:
-        for path, text in texts.items():
-            stack.enter_context(atomic(path)).write_text(text, encoding="utf-8")
 
 
 def _num(x) -> float | None:
@@ -77,7 +67,7 @@ def export_seed001_interventions(table_path, settings_path, out_path) -> dict[st
     import polars as pl
 
     got = seed001_interventions(pl.read_parquet(table_path), pl.read_parquet(settings_path))
-    _write_all({out_path: json.dumps(got, indent=2, ensure_ascii=False) + "\n"})
+    write_texts({out_path: json.dumps(got, indent=2, ensure_ascii=False) + "\n"})
     return {k: len(v) for k, v in got.items()}
 
 
@@ -155,7 +145,7 @@ def export_seed001_alignment(table_path, out_path, directions: list | None = Non
         position = cka["position"][0]
         dirs = (seed001_directions(a, position), seed001_directions(b, position))
     got = seed001_alignment(cka, *dirs)
-    _write_all({out_path: json.dumps(got, indent=2) + "\n"})
+    write_texts({out_path: json.dumps(got, indent=2) + "\n"})
     return got
 
 
@@ -330,7 +320,7 @@ def export_seed002(names: list[str], tokens_paths: list[str], generation_paths: 
         texts[out / f"{name}_all_tokens_detailed.csv"] = files["detailed"][name].write_csv()
     texts[out / "prompt_level_results.csv"] = files["prompt_level"].write_csv()
     texts[out / "results_summary.json"] = json.dumps(files["summary"], indent=2) + "\n"
-    _write_all(texts)
+    write_texts(texts)
     return files["summary"]
 
 
@@ -367,4 +357,4 @@ def export_seed003(by_type_path, checkpoints_path, pairs: list[str], outputs: li
     by_type, ckpts = pl.read_parquet(by_type_path), pl.read_parquet(checkpoints_path)
     for pair, path in zip(pairs, outputs, strict=True):
         model, textset = pair.split("/", 1)
-        _write_all({path: json.dumps(seed003_dynamics(by_type, ckpts, model, textset), indent=1)})
+        write_texts({path: json.dumps(seed003_dynamics(by_type, ckpts, model, textset), indent=1)})

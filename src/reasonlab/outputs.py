@@ -80,6 +80,14 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return Path(path)
 
 
+def write_texts(texts: dict) -> None:
+    """Several text files (path -> text): all written under temporary names first, then moved
+    into place; an error leaves none of them."""
+    with contextlib.ExitStack() as stack:
+        for path, text in texts.items():
+            stack.enter_context(atomic(path)).write_text(text, encoding="utf-8")
+
+
 def write_all(tables: dict, paths: dict) -> None:
     """Several DataFrames (key -> DataFrame, key -> path): all written under temporary names
     first, then moved into place; an error leaves none of them."""

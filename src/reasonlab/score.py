@@ -52,6 +52,7 @@ from typing import Any
 
 from reasonlab import ReasonlabError, textsets
 from reasonlab.options import speed
+from reasonlab.outputs import write_all
 
 log = logging.getLogger(__name__)
 
@@ -906,14 +907,6 @@ def generated_items(df, dataset: str = "", generator: str = "") -> list[TextItem
     return items
 
 
-def write_tables(tables: dict, paths: dict) -> None:
-    """Write polars DataFrames to Parquet under temporary names, then move them into place together
-    (`reasonlab.outputs.write_all`: a failed write leaves none of them)."""
-    from reasonlab.outputs import write_all
-
-    write_all(tables, paths)
-
-
 def score_textset(handle, texts, out_tokens, out_sequences, options: dict, prompt: str = "chat",
                   system: str | None = None, threads: int | None = None, name: str = "",
                   compute=None, record_path=None) -> dict:  # fmt: skip
@@ -947,7 +940,7 @@ def score_textset(handle, texts, out_tokens, out_sequences, options: dict, promp
     tokens, sequences = score_items(model, tok, items, ScoreOptions(**options), where=where)
     sequences = sequences.with_columns(dtype=pl.lit(placement.dtype))
     seconds = time.perf_counter() - t0
-    write_tables(
+    write_all(
         {"tokens": tokens, "sequences": sequences},
         {"tokens": out_tokens, "sequences": out_sequences},
     )

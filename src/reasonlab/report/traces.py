@@ -115,8 +115,9 @@ MAP_POINTS = 2000  # traces drawn per map (a sample spread evenly over its check
 MAP_SELECT = "sel-traces-map"  # the <select> that picks the map shown
 
 
-def _map_key(group: str, dataset: str) -> str:
-    return f"{group} · {dataset}"
+def _map_key(group, dataset):
+    """A map's name in the selector: `group · dataset` (strings, or polars expressions)."""
+    return group + " · " + dataset
 
 
 def _sample(points, n: int = MAP_POINTS):
@@ -247,7 +248,7 @@ def section(tables: dict, context: dict) -> list:
             blocks.append(Html(f'<p class="warn">{html.escape(r["group"])} / {html.escape(r["dataset"])}: '
                                f"{html.escape(r['notes'])}</p>"))  # fmt: skip
     if points.height:
-        points = points.with_columns(map=pl.col("group") + " · " + pl.col("dataset"))
+        points = points.with_columns(map=_map_key(pl.col("group"), pl.col("dataset")))
         keys = points["map"].unique(maintain_order=True).to_list()
         first = keys[0]
         shown = pl.concat([_sample(g) for _, g in points.group_by("map", maintain_order=True)])
@@ -268,7 +269,7 @@ def section(tables: dict, context: dict) -> list:
         if comp.height:
             comp = comp.with_columns(checkpoint=pl.col("model") + "/" + pl.col("ckpt"),
                                      cluster=pl.col("cluster").cast(pl.String),
-                                     map=pl.col("group") + " · " + pl.col("dataset"))  # fmt: skip
+                                     map=_map_key(pl.col("group"), pl.col("dataset")))  # fmt: skip
             blocks.append(_composition(comp, first))
         ph = tables["tr_phrases"]
         if ph.height:
